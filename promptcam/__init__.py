@@ -1,0 +1,3 @@
+"""Prompt-CAM trait discovery per taxonomic rank."""
+
+__version__ = "0.1.0"
