@@ -1,0 +1,493 @@
+"""The bundled demo: synthetic "fish" whose family, genus and species differ by known traits.
+
+Every rank is told apart by a trait of its own at a known body part, large for coarse ranks
+and small for fine ones:
+
+- family: the tail fin's shape (forked, rounded, truncate, pointed, lunate);
+- genus: the dorsal fin's shape (triangle, dome, long-low, twin spikes, sail, comb);
+- species: a marking on the flank, by its place along the body (front, middle, rear) and its
+  shape (disc, ring, bar, twin dots), upper or lower half when more species are needed.
+
+Each trait variant belongs to exactly one taxon at its rank, so the trait alone identifies
+the taxon and a ground-truth mask tells where the evidence is. Colours are drawn per image
+from the same palette for every class: global colour statistics cannot classify.
+Organisms appear at random positions, scales, rotations and flips on cluttered backgrounds
+with distractor objects.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import multiprocessing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from promptcam.io import atomic_open, atomic_path
+
+DEMO_LEVELS: tuple[str, ...] = ("family", "genus", "species")
+
+TAIL_SHAPES: tuple[str, ...] = ("forked", "rounded", "truncate", "pointed", "lunate")
+DORSAL_SHAPES: tuple[str, ...] = ("triangle", "dome", "longlow", "twinspike", "sail", "comb")
+MARK_PLACES: tuple[str, ...] = ("front", "middle", "rear")
+MARK_SHAPES: tuple[str, ...] = ("disc", "ring", "bar", "twindot")
+MARK_SIDES: tuple[str, ...] = ("centre", "upper")
+
+# Names that say which trait defines each taxon, so figures read naturally.
+_FAMILY_NAMES = {
+    "forked": "Furcidae",
+    "rounded": "Rotundidae",
+    "truncate": "Truncidae",
+    "pointed": "Acutidae",
+    "lunate": "Lunatidae",
+}
+_GENUS_NAMES = {
+    "triangle": "Trigonus",
+    "dome": "Tholus",
+    "longlow": "Longipinna",
+    "twinspike": "Didymus",
+    "sail": "Velifer",
+    "comb": "Pectinus",
+}
+_PLACE_PREFIX = {"front": "antero", "middle": "medio", "rear": "postero"}
+_SHAPE_SUFFIX = {
+    "disc": "punctatus",
+    "ring": "annulatus",
+    "bar": "fasciatus",
+    "twindot": "bipunctatus",
+}
+
+# Body parts of the part map (dense, label-free geometry used for backbone pre-training).
+PART_NAMES: tuple[str, ...] = (
+    "background",
+    "body",
+    "tail",
+    "dorsal_fin",
+    "head",
+    "marking",
+    "pelvic_fin",
+)
+BACKGROUND, BODY, TAIL, DORSAL, HEAD, MARKING, PELVIC = range(len(PART_NAMES))
+
+# Canonical organism frame: body length 1, head towards +x, dorsal side towards +y.
+_BODY_HALF_LENGTH = 0.5
+_EXTENT_X = (-0.95, 0.55)
+_EXTENT_Y = (-0.5, 0.62)
+_SUPERSAMPLE = 2
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    n_families: int = 2
+    genera_per_family: int = 2
+    species_per_genus: int = 3
+    images_per_species: int = 40
+    image_size: int = 128
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OrganismSpec:
+    """Which trait variant the organism carries at each rank."""
+
+    tail: str
+    dorsal: str
+    mark_place: str
+    mark_shape: str
+    mark_side: str = "centre"
+
+
+@dataclass(frozen=True)
+class Taxon:
+    family: str
+    genus: str
+    species: str
+    spec: OrganismSpec
+
+
+@dataclass(frozen=True)
+class Pose:
+    centre_x: float
+    centre_y: float
+    length: float  # body length in pixels
+    angle: float  # radians, counter-clockwise
+    flipped: bool
+
+    def heading(self) -> float:
+        """Direction the head points to, in radians (image x to the right, y up)."""
+        return self.angle + (math.pi if self.flipped else 0.0)
+
+
+@dataclass
+class Rendering:
+    image: np.ndarray  # (S, S, 3) uint8
+    parts: np.ndarray  # (S, S) uint8, indices into PART_NAMES
+    trait_mask: np.ndarray  # (S, S) uint8, bit i set inside the trait of DEMO_LEVELS[i]
+    pose: Pose
+
+
+def build_taxonomy(config: DemoConfig) -> list[Taxon]:
+    """The demo taxonomy: one trait variant per taxon at every rank."""
+    n_genera = config.n_families * config.genera_per_family
+    n_species = n_genera * config.species_per_genus
+    n_marks = len(MARK_PLACES) * len(MARK_SHAPES) * len(MARK_SIDES)
+    if config.n_families > len(TAIL_SHAPES):
+        raise ValueError(
+            f"demo supports at most {len(TAIL_SHAPES)} families; got {config.n_families}"
+        )
+    if n_genera > len(DORSAL_SHAPES):
+        raise ValueError(
+            f"demo supports at most {len(DORSAL_SHAPES)} genera in all; got {n_genera}"
+        )
+    if n_species > n_marks:
+        raise ValueError(f"demo supports at most {n_marks} species in all; got {n_species}")
+    taxa = []
+    for family_index in range(config.n_families):
+        tail = TAIL_SHAPES[family_index]
+        for genus_offset in range(config.genera_per_family):
+            genus_index = family_index * config.genera_per_family + genus_offset
+            dorsal = DORSAL_SHAPES[genus_index]
+            for species_offset in range(config.species_per_genus):
+                species_index = genus_index * config.species_per_genus + species_offset
+                # Sister species differ by the marking's place first, as in many real keys.
+                place = MARK_PLACES[species_index % len(MARK_PLACES)]
+                shape = MARK_SHAPES[(species_index // len(MARK_PLACES)) % len(MARK_SHAPES)]
+                side = MARK_SIDES[species_index // (len(MARK_PLACES) * len(MARK_SHAPES))]
+                genus_name = _GENUS_NAMES[dorsal]
+                epithet = _PLACE_PREFIX[place] + _SHAPE_SUFFIX[shape]
+                if side != "centre":
+                    epithet = "supra" + epithet
+                taxa.append(
+                    Taxon(
+                        family=_FAMILY_NAMES[tail],
+                        genus=genus_name,
+                        species=f"{genus_name} {epithet}",
+                        spec=OrganismSpec(tail, dorsal, place, shape, side),
+                    )
+                )
+    return taxa
+
+
+def random_spec(rng: np.random.Generator) -> OrganismSpec:
+    """Any combination of trait variants: for label-free pre-training, unrelated to a taxonomy."""
+    return OrganismSpec(
+        tail=str(rng.choice(TAIL_SHAPES)),
+        dorsal=str(rng.choice(DORSAL_SHAPES)),
+        mark_place=str(rng.choice(MARK_PLACES)),
+        mark_shape=str(rng.choice(MARK_SHAPES)),
+        mark_side=str(rng.choice(MARK_SIDES)),
+    )
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 40) -> np.ndarray:
+    t = np.linspace(0.0, 2.0 * math.pi, n, endpoint=False)
+    return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
+
+
+def _arc(cx: float, cy: float, r: float, start: float, stop: float, n: int = 16) -> np.ndarray:
+    t = np.linspace(start, stop, n)
+    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
+
+
+def _body_half_height(x: float | np.ndarray, depth: float) -> np.ndarray:
+    return depth * np.sqrt(np.clip(1.0 - (np.asarray(x) / _BODY_HALF_LENGTH) ** 2, 0.0, 1.0))
+
+
+def _tail_polygons(shape: str) -> list[np.ndarray]:
+    root = -0.44
+    if shape == "forked":
+        return [np.array([[root, 0.09], [-0.9, 0.34], [-0.72, 0.0], [-0.9, -0.34], [root, -0.09]])]
+    if shape == "rounded":
+        fan = _arc(-0.5, 0.0, 0.34, math.radians(140), math.radians(220), n=20)
+        return [np.vstack([[[root, 0.07]], fan, [[root, -0.07]]])]
+    if shape == "truncate":
+        return [np.array([[root, 0.08], [-0.84, 0.26], [-0.84, -0.26], [root, -0.08]])]
+    if shape == "pointed":
+        return [np.array([[root, 0.12], [-0.95, 0.0], [root, -0.12]])]
+    if shape == "lunate":
+        outer = _arc(-0.5, 0.0, 0.42, math.radians(135), math.radians(225), n=20)
+        inner = _arc(-0.98, 0.0, 0.3, math.radians(-50), math.radians(50), n=20)
+        return [np.vstack([[[root, 0.06]], outer, inner, [[root, -0.06]]])]
+    raise ValueError(f"unknown tail shape {shape!r}")
+
+
+def _dorsal_polygons(shape: str, depth: float) -> list[np.ndarray]:
+    def top(x: float) -> float:
+        return float(_body_half_height(x, depth)) - 0.02
+
+    if shape == "triangle":
+        return [np.array([[-0.16, top(-0.16)], [0.02, depth + 0.27], [0.14, top(0.14)]])]
+    if shape == "dome":
+        dome = _arc(0.0, top(0.0), 0.17, 0.0, math.pi, n=20)
+        return [np.vstack([dome, [[-0.17, top(-0.17)], [0.17, top(0.17)]]])]
+    if shape == "longlow":
+        return [
+            np.array(
+                [[-0.34, top(-0.34)], [-0.3, depth + 0.09], [0.24, depth + 0.09], [0.28, top(0.28)]]
+            )
+        ]
+    if shape == "twinspike":
+        return [
+            np.array([[-0.24, top(-0.24)], [-0.16, depth + 0.24], [-0.08, top(-0.08)]]),
+            np.array([[0.04, top(0.04)], [0.12, depth + 0.24], [0.2, top(0.2)]]),
+        ]
+    if shape == "sail":
+        return [
+            np.array(
+                [[-0.04, top(-0.04)], [-0.3, depth + 0.3], [-0.36, depth + 0.22], [-0.3, top(-0.3)]]
+            )
+        ]
+    if shape == "comb":
+        xs = np.linspace(-0.26, 0.18, 5)
+        return [
+            np.array([[x - 0.025, top(x - 0.025)], [x, depth + 0.2], [x + 0.025, top(x + 0.025)]])
+            for x in xs
+        ]
+    raise ValueError(f"unknown dorsal shape {shape!r}")
+
+
+def _mark_polygons(
+    spec: OrganismSpec, depth: float, size: float
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Polygons of the marking, and holes cut out of it (for the ring)."""
+    x = {"front": 0.22, "middle": 0.0, "rear": -0.24}[spec.mark_place]
+    y = 0.0 if spec.mark_side == "centre" else 0.45 * float(_body_half_height(x, depth))
+    r = size
+    if spec.mark_shape == "disc":
+        return [_ellipse(x, y, r, r)], []
+    if spec.mark_shape == "ring":
+        return [_ellipse(x, y, r * 1.15, r * 1.15)], [_ellipse(x, y, r * 0.55, r * 0.55)]
+    if spec.mark_shape == "bar":
+        half_height = 0.8 * float(_body_half_height(x, depth))
+        return [
+            np.array(
+                [
+                    [x - 0.45 * r, y - half_height],
+                    [x + 0.45 * r, y - half_height],
+                    [x + 0.45 * r, y + half_height],
+                    [x - 0.45 * r, y + half_height],
+                ]
+            )
+        ], []
+    if spec.mark_shape == "twindot":
+        return [
+            _ellipse(x - 0.9 * r, y, 0.65 * r, 0.65 * r),
+            _ellipse(x + 0.9 * r, y, 0.65 * r, 0.65 * r),
+        ], []
+    raise ValueError(f"unknown marking shape {spec.mark_shape!r}")
+
+
+def _to_pixels(points: np.ndarray, pose: Pose, scale: float) -> list[tuple[float, float]]:
+    xy = points.copy()
+    if pose.flipped:
+        xy[:, 0] = -xy[:, 0]
+    cos, sin = math.cos(pose.angle), math.sin(pose.angle)
+    rotated_x = cos * xy[:, 0] - sin * xy[:, 1]
+    rotated_y = sin * xy[:, 0] + cos * xy[:, 1]
+    px = (pose.centre_x + pose.length * rotated_x) * scale
+    py = (pose.centre_y - pose.length * rotated_y) * scale  # image y grows downwards
+    return list(zip(px.tolist(), py.tolist(), strict=True))
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _random_colour(
+    rng: np.random.Generator, avoid: np.ndarray | None = None
+) -> tuple[int, int, int]:
+    for _ in range(32):
+        colour = rng.integers(20, 236, size=3)
+        if avoid is None or np.abs(colour.astype(int) - avoid.astype(int)).sum() > 180:
+            break
+    return tuple(int(c) for c in colour)
+
+
+def _draw_background(size: int, rng: np.random.Generator) -> Image.Image:
+    top, bottom = rng.integers(0, 256, size=(2, 3))
+    ramp = np.linspace(0.0, 1.0, size)[:, None, None]
+    if rng.random() < 0.5:
+        ramp = ramp.transpose(1, 0, 2)
+    canvas = (top * (1 - ramp) + bottom * ramp) * np.ones((size, size, 1))
+    image = Image.fromarray(canvas.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(4, 10))):
+        colour = _random_colour(rng)
+        kind = rng.integers(0, 4)
+        x0, y0 = rng.uniform(-0.1, 1.0, size=2) * size
+        w, h = rng.uniform(0.05, 0.45, size=2) * size
+        if kind == 0:
+            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=colour)
+        elif kind == 1:
+            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=colour)
+        elif kind == 2:
+            draw.line(
+                [x0, y0, x0 + w * rng.choice([-1, 1]), y0 + h],
+                fill=colour,
+                width=int(rng.integers(1, 5)),
+            )
+        else:
+            pts = rng.uniform(0, 1, size=(int(rng.integers(3, 6)), 2)) * [w, h] + [x0, y0]
+            draw.polygon([tuple(p) for p in pts.tolist()], fill=colour)
+    return image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.0, 1.5))))
+
+
+def _random_pose(size: int, rng: np.random.Generator) -> Pose:
+    length = float(rng.uniform(0.52, 0.7)) * size
+    angle = math.radians(float(rng.uniform(-30.0, 30.0)))
+    flipped = bool(rng.random() < 0.5)
+    # Keep the whole organism inside the frame: bound the rotated extent's corners.
+    corners = np.array([[x, y] for x in _EXTENT_X for y in _EXTENT_Y])
+    probe = Pose(0.0, 0.0, length, angle, flipped)
+    pixels = np.array(_to_pixels(corners, probe, 1.0))
+    low, high = pixels.min(axis=0), pixels.max(axis=0)
+    margin = 1.0
+    cx = rng.uniform(margin - low[0], max(margin - low[0], size - margin - high[0]))
+    cy = rng.uniform(margin - low[1], max(margin - low[1], size - margin - high[1]))
+    return Pose(float(cx), float(cy), length, angle, flipped)
+
+
+def render_organism(spec: OrganismSpec, size: int, rng: np.random.Generator) -> Rendering:
+    """Draw one organism on a cluttered background, with its part map and trait masks."""
+    background = _draw_background(size * _SUPERSAMPLE, rng)
+    pose = _random_pose(size, rng)
+    depth = float(rng.uniform(0.17, 0.21))
+    mark_size = float(rng.uniform(0.065, 0.08))
+    body_colour = np.array(_random_colour(rng))
+    fin_colour = _random_colour(rng) if rng.random() < 0.5 else tuple(int(c) for c in body_colour)
+    mark_colour = _random_colour(rng, avoid=body_colour)
+
+    body = _ellipse(0.0, 0.0, _BODY_HALF_LENGTH, depth, n=64)
+    head_x = 0.3
+    head_outline = np.vstack(
+        [
+            [[head_x, float(_body_half_height(head_x, depth))]],
+            body[(body[:, 0] >= head_x)][
+                np.argsort(
+                    -np.arctan2(body[body[:, 0] >= head_x][:, 1], body[body[:, 0] >= head_x][:, 0])
+                )
+            ],
+            [[head_x, -float(_body_half_height(head_x, depth))]],
+        ]
+    )
+    eye = _ellipse(0.38, 0.05, 0.03, 0.03, n=16)
+    gill = np.array(
+        [[head_x - 0.01, -0.6 * depth], [head_x + 0.02, 0.0], [head_x - 0.01, 0.6 * depth]]
+    )
+    pelvic = np.array([[0.05, -depth + 0.02], [-0.08, -depth - 0.12], [-0.12, -depth + 0.02]])
+    tails = _tail_polygons(spec.tail)
+    dorsals = _dorsal_polygons(spec.dorsal, depth)
+    marks, holes = _mark_polygons(spec, depth, mark_size)
+
+    # Painter's order; the same order fills the part map and the image.
+    layers: list[tuple[int, list[np.ndarray], tuple[int, int, int]]] = [
+        (TAIL, tails, fin_colour),
+        (DORSAL, dorsals, fin_colour),
+        (PELVIC, [pelvic], fin_colour),
+        (BODY, [body], tuple(int(c) for c in body_colour)),
+        (HEAD, [head_outline], tuple(int(c) for c in np.clip(body_colour * 0.85, 0, 255))),
+        (MARKING, marks, mark_colour),
+        (BODY, holes, tuple(int(c) for c in body_colour)),
+    ]
+    draw = ImageDraw.Draw(background)
+    parts = Image.new("L", (size, size), BACKGROUND)
+    parts_draw = ImageDraw.Draw(parts)
+    for part, polygons, colour in layers:
+        for polygon in polygons:
+            draw.polygon(_to_pixels(polygon, pose, _SUPERSAMPLE), fill=colour)
+            parts_draw.polygon(_to_pixels(polygon, pose, 1.0), fill=part)
+    draw.line(_to_pixels(gill, pose, _SUPERSAMPLE), fill=(20, 20, 20), width=_SUPERSAMPLE)
+    draw.polygon(_to_pixels(eye, pose, _SUPERSAMPLE), fill=(10, 10, 10))
+
+    for _ in range(int(rng.integers(0, 4))):  # small foreground clutter, over the organism too
+        x, y = rng.uniform(0, size * _SUPERSAMPLE, size=2)
+        r = float(rng.uniform(1.0, 2.5)) * _SUPERSAMPLE
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=_random_colour(rng))
+
+    image = background.resize((size, size), Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels += rng.normal(0.0, float(rng.uniform(2.0, 8.0)), size=pixels.shape)
+    image_array = np.clip(pixels, 0, 255).astype(np.uint8)
+
+    part_map = np.asarray(parts, dtype=np.uint8)
+    trait_mask = np.zeros_like(part_map)
+    for bit, part in enumerate((TAIL, DORSAL, MARKING)):
+        trait_mask |= (part_map == part).astype(np.uint8) << bit
+    return Rendering(image=image_array, parts=part_map, trait_mask=trait_mask, pose=pose)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def _sample_seed(seed: int, species_index: int, replicate: int) -> np.random.SeedSequence:
+    # One independent stream per image: output does not depend on the worker count.
+    return np.random.SeedSequence([seed, species_index, replicate])
+
+
+def _render_one(job: tuple[Path, str, OrganismSpec, int, np.random.SeedSequence]) -> None:
+    out_dir, sample_id, spec, size, seed_seq = job
+    rendering = render_organism(spec, size, np.random.default_rng(seed_seq))
+    with atomic_path(out_dir / "images" / f"{sample_id}.png") as tmp:
+        Image.fromarray(rendering.image, "RGB").save(tmp, format="PNG")
+    with atomic_path(out_dir / "masks" / f"{sample_id}.png") as tmp:
+        Image.fromarray(rendering.trait_mask, "L").save(tmp, format="PNG")
+
+
+def generate_demo_dataset(out_dir: str | Path, config: DemoConfig, workers: int = 1) -> Path:
+    """Write the demo images, trait masks and ``metadata.csv``; return the CSV's path.
+
+    The trait mask of each image is a bitmask: bit i is set inside the trait of rank
+    ``DEMO_LEVELS[i]``.
+    """
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    taxa = build_taxonomy(config)
+    jobs = []
+    rows = []
+    for species_index, taxon in enumerate(taxa):
+        for replicate in range(config.images_per_species):
+            sample_id = f"sp{species_index:03d}_{replicate:05d}"
+            jobs.append(
+                (
+                    out,
+                    sample_id,
+                    taxon.spec,
+                    config.image_size,
+                    _sample_seed(config.seed, species_index, replicate),
+                )
+            )
+            rows.append(
+                {
+                    "image": f"images/{sample_id}.png",
+                    "family": taxon.family,
+                    "genus": taxon.genus,
+                    "species": taxon.species,
+                    "mask": f"masks/{sample_id}.png",
+                }
+            )
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.map(_render_one, jobs, chunksize=16)
+    else:
+        for job in jobs:
+            _render_one(job)
+    metadata = out / "metadata.csv"
+    with atomic_open(metadata, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", *DEMO_LEVELS, "mask"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return metadata
+
+
+def decode_trait_mask(
+    mask: np.ndarray, levels: Sequence[str] = DEMO_LEVELS
+) -> dict[str, np.ndarray]:
+    """Split a bitmask image into one boolean mask per rank."""
+    return {level: (mask >> bit) & 1 == 1 for bit, level in enumerate(levels)}

@@ -1,0 +1,398 @@
+"""Label-free pre-training of the demo's small ViT backbone on fresh generator images.
+
+Prompt-CAM explains what a *pre-trained* backbone already sees; a frozen random ViT sees
+nothing. Real analyses bring DINO, DINOv2 or BioCLIP weights; the bundled demo has none to
+download, so this module makes one from the demo generator's geometry alone:
+
+- dense target: for every patch, the share of each body part (background, body, tail,
+  dorsal fin, head, marking, pelvic fin) in each cell of a ``sub_grid`` x ``sub_grid``
+  subdivision of the patch, so patch tokens must encode part *shapes* at sub-patch detail;
+- global target from the CLS token: heading (cos, sin), flip, centre and size.
+
+Images come from :func:`promptcam.demo.random_spec`, i.e. any combination of trait
+variants, drawn from a seed stream disjoint from the demo dataset's. The taxonomy labels
+are never used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from promptcam.demo import PART_NAMES, random_spec, render_organism
+from promptcam.io import atomic_path, sha256_file, write_json
+
+log = logging.getLogger(__name__)
+
+# Disjoint from the demo dataset's seeds, which are SeedSequence([seed, species, replicate]).
+_PRETRAIN_STREAM = 0x5EED_F00D
+BACKBONE_TIMM_NAME = "vit_tiny_patch16_224"  # architecture family; size set by `vit_kwargs`
+PIXEL_MEAN = (0.5, 0.5, 0.5)
+PIXEL_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    image_size: int = 96
+    patch_size: int = 12
+    embed_dim: int = 128
+    depth: int = 6
+    num_heads: int = 8
+    sub_grid: int = 4
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 300
+    seed: int = 1234
+    num_workers: int = 1
+    threads: int = 1
+    checkpoint_every: int = 250
+    pose_weight: float = 1.0
+
+    def vit_kwargs(self) -> dict[str, Any]:
+        return {
+            "img_size": self.image_size,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+        }
+
+
+def build_vit(config: PretrainConfig) -> VisionTransformer:
+    return VisionTransformer(num_classes=0, **config.vit_kwargs())
+
+
+class FreshOrganisms(IterableDataset):
+    """Endless, deterministic stream of freshly generated organisms with geometry targets.
+
+    Sample ``i`` depends only on (seed, i), so a resumed run sees the same images as an
+    uninterrupted one, whatever the number of workers.
+    """
+
+    def __init__(self, config: PretrainConfig, start_index: int = 0) -> None:
+        self.config = config
+        self.start_index = start_index
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        index = self.start_index + worker
+        while True:
+            yield self.sample(index)
+            index += n_workers
+
+    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng(
+            np.random.SeedSequence([self.config.seed, _PRETRAIN_STREAM, index])
+        )
+        rendering = render_organism(random_spec(rng), self.config.image_size, rng)
+        image = torch.from_numpy(rendering.image).permute(2, 0, 1).contiguous()
+        parts = torch.from_numpy(rendering.parts.astype(np.int64))
+        pose = rendering.pose
+        size = self.config.image_size
+        heading = pose.heading()
+        pose_target = torch.tensor(
+            [
+                math.cos(heading),
+                math.sin(heading),
+                1.0 if pose.flipped else -1.0,
+                2.0 * pose.centre_x / size - 1.0,
+                2.0 * pose.centre_y / size - 1.0,
+                4.0 * (pose.length / size - 0.6),
+            ],
+            dtype=torch.float32,
+        )
+        return image, parts, pose_target
+
+
+def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(PIXEL_MEAN, device=images_uint8.device).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD, device=images_uint8.device).view(1, 3, 1, 1)
+    return (images_uint8.float() / 255.0 - mean) / std
+
+
+def part_shares(parts: torch.Tensor, patch_size: int, sub_grid: int) -> torch.Tensor:
+    """(B, H, W) part indices -> (B, patches, sub_grid*sub_grid, parts) area shares."""
+    n_parts = len(PART_NAMES)
+    one_hot = F.one_hot(parts, n_parts).permute(0, 3, 1, 2).float()
+    cell = patch_size // sub_grid
+    shares = F.avg_pool2d(one_hot, kernel_size=cell)  # (B, P, H/cell, W/cell)
+    batch, _, rows, cols = shares.shape
+    grid_rows, grid_cols = rows // sub_grid, cols // sub_grid
+    shares = shares.view(batch, n_parts, grid_rows, sub_grid, grid_cols, sub_grid)
+    shares = shares.permute(0, 2, 4, 3, 5, 1)  # B, gr, gc, sr, sc, P
+    return shares.reshape(batch, grid_rows * grid_cols, sub_grid * sub_grid, n_parts)
+
+
+class PretextModel(nn.Module):
+    """The backbone plus the two linear read-outs the pretext tasks train through."""
+
+    def __init__(self, config: PretrainConfig) -> None:
+        super().__init__()
+        if config.patch_size % config.sub_grid:
+            raise ValueError("patch_size must be a multiple of sub_grid")
+        self.config = config
+        self.backbone = build_vit(config)
+        cells = config.sub_grid * config.sub_grid
+        self.dense_head = nn.Linear(config.embed_dim, cells * len(PART_NAMES))
+        self.pose_head = nn.Linear(config.embed_dim, 6)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.backbone.forward_features(images)
+        prefix = self.backbone.num_prefix_tokens
+        patches = tokens[:, prefix:]
+        cells = self.config.sub_grid * self.config.sub_grid
+        dense = self.dense_head(patches).view(
+            patches.shape[0], patches.shape[1], cells, len(PART_NAMES)
+        )
+        return dense, self.pose_head(tokens[:, 0])
+
+
+def pretext_losses(
+    model: PretextModel, images: torch.Tensor, parts: torch.Tensor, pose: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
+    dense_logits, pose_pred = model(normalise(images))
+    target = part_shares(parts, model.config.patch_size, model.config.sub_grid)
+    dense_loss = -(target * F.log_softmax(dense_logits.float(), dim=-1)).sum(-1).mean()
+    pose_loss = F.mse_loss(pose_pred.float(), pose)
+    cell_accuracy = (dense_logits.argmax(-1) == target.argmax(-1)).float().mean()
+    loss = dense_loss + model.config.pose_weight * pose_loss
+    return loss, {
+        "loss": float(loss),
+        "dense_loss": float(dense_loss),
+        "pose_loss": float(pose_loss),
+        "cell_accuracy": float(cell_accuracy),
+    }
+
+
+def _lr_at(step: int, config: PretrainConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class PretrainResult:
+    steps: int
+    seconds: float
+    final_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def pretrain(config: PretrainConfig, work_dir: str | Path, device: str = "cpu") -> PretrainResult:
+    """Train (or resume) in ``work_dir``; leaves ``state.pt`` and ``metrics.tsv`` there."""
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    model = PretextModel(config).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    state_path = work / "state.pt"
+    metrics_path = work / "metrics.tsv"
+    step, seconds = 0, 0.0
+    if state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state["config"] != asdict(config):
+            raise ValueError(
+                f"{state_path} was written with another config; delete it to start over"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, seconds = int(state["step"]), float(state["seconds"])
+        log.info("resuming from step %d", step)
+    if step == 0:
+        with atomic_path(metrics_path) as tmp:
+            tmp.write_text("step\tlr\tloss\tdense_loss\tpose_loss\tcell_accuracy\tseconds\n")
+
+    loader = DataLoader(
+        FreshOrganisms(config, start_index=step * config.batch_size),
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if config.num_workers else None,
+    )
+    use_bf16 = device.startswith("cuda")
+    model.train()
+    window: list[dict[str, float]] = []
+    progress = tqdm(total=config.steps, initial=step, desc="pretrain", mininterval=5.0)
+    started = time.perf_counter() - seconds
+    batches = iter(loader)
+    while step < config.steps:
+        images, parts, pose = (t.to(device, non_blocking=True) for t in next(batches))
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, config)
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
+            loss, metrics = pretext_losses(model, images, parts, pose)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        window.append(metrics)
+        progress.update(1)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            mean = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+            window.clear()
+            elapsed = time.perf_counter() - started
+            progress.set_postfix(loss=f"{mean['loss']:.3f}", acc=f"{mean['cell_accuracy']:.3f}")
+            with open(metrics_path, "a") as handle:
+                handle.write(
+                    f"{step}\t{_lr_at(step - 1, config):.6g}\t{mean['loss']:.5f}\t{mean['dense_loss']:.5f}\t"
+                    f"{mean['pose_loss']:.5f}\t{mean['cell_accuracy']:.5f}\t{elapsed:.1f}\n"
+                )
+            with atomic_path(state_path) as tmp:
+                torch.save(
+                    {
+                        "config": asdict(config),
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step,
+                        "seconds": elapsed,
+                        "metrics": mean,
+                    },
+                    tmp,
+                )
+            log.info("step %d: %s", step, mean)
+    progress.close()
+    final = torch.load(state_path, map_location="cpu", weights_only=True)
+    return PretrainResult(
+        steps=step, seconds=float(final["seconds"]), final_metrics=final["metrics"]
+    )
+
+
+def export_backbone(work_dir: str | Path, out_path: str | Path, command: str) -> dict[str, Any]:
+    """Write the backbone's weights (fp16, timm key names) and a JSON card beside them."""
+    state = torch.load(Path(work_dir) / "state.pt", map_location="cpu", weights_only=True)
+    prefix = "backbone."
+    weights = {
+        k[len(prefix) :]: v.half() for k, v in state["model"].items() if k.startswith(prefix)
+    }
+    out = Path(out_path)
+    with atomic_path(out) as tmp:
+        torch.save(weights, tmp)
+    card = {
+        "file": out.name,
+        "sha256": sha256_file(out),
+        "timm_name": BACKBONE_TIMM_NAME,
+        "timm_kwargs": PretrainConfig(**state["config"]).vit_kwargs(),
+        "pixel_mean": list(PIXEL_MEAN),
+        "pixel_std": list(PIXEL_STD),
+        "pretrain_config": state["config"],
+        "steps": int(state["step"]),
+        "cpu_seconds": float(state["seconds"]),
+        "final_metrics": state["metrics"],
+        "command": command,
+    }
+    write_json(out.with_suffix(".json"), card)
+    return card
+
+
+def load_pretrain_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
+    values: dict[str, Any] = json.loads(Path(path).read_text()) if path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return PretrainConfig(**values)
+
+
+# ----------------------------------------------------------------------------- quality probes
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    linear_probe_top1: dict[str, float]
+    part_probe_accuracy: float
+    n_train: int
+    n_test: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _fresh_demo_draw(
+    demo: Any, image_size: int, per_species: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    from promptcam.demo import DEMO_LEVELS, build_taxonomy
+
+    taxa = build_taxonomy(demo)
+    images, parts, labels = [], [], {level: [] for level in DEMO_LEVELS}
+    for species_index, taxon in enumerate(taxa):
+        for replicate in range(per_species):
+            rng = np.random.default_rng(
+                np.random.SeedSequence([seed, 0xD1A6, species_index, replicate])
+            )
+            rendering = render_organism(taxon.spec, image_size, rng)
+            images.append(rendering.image)
+            parts.append(rendering.parts)
+            for level in DEMO_LEVELS:
+                labels[level].append(getattr(taxon, level))
+    return np.stack(images), np.stack(parts), {k: np.array(v) for k, v in labels.items()}
+
+
+@torch.no_grad()
+def _features(backbone: VisionTransformer, images: np.ndarray, batch: int = 128) -> torch.Tensor:
+    backbone.eval()
+    out = []
+    for start in range(0, len(images), batch):
+        chunk = torch.from_numpy(images[start : start + batch]).permute(0, 3, 1, 2)
+        out.append(backbone.forward_features(normalise(chunk))[:, backbone.num_prefix_tokens :])
+    return torch.cat(out)
+
+
+def probe_backbone(
+    backbone: VisionTransformer,
+    image_size: int,
+    patch_size: int,
+    per_species: int = 60,
+    seed: int = 99,
+) -> ProbeReport:
+    """Linear probes on frozen features of a fresh demo draw (never the shipped dataset).
+
+    Taxonomy probe: multinomial logistic regression on the mean of the patch tokens, per
+    rank, trained on the first two thirds of each species' images, scored on the rest.
+    Part probe: logistic regression from each patch token to the patch's majority body part.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from promptcam.demo import DemoConfig
+
+    images, parts, labels = _fresh_demo_draw(DemoConfig(), image_size, per_species, seed)
+    tokens = _features(backbone, images)  # (N, P, D)
+    n = len(images)
+    is_train = (np.arange(n) % per_species) < (2 * per_species) // 3
+    pooled = StandardScaler().fit_transform(tokens.mean(1).numpy())
+    top1 = {}
+    for level, y in labels.items():
+        clf = LogisticRegression(max_iter=2000, C=1.0).fit(pooled[is_train], y[is_train])
+        top1[level] = float((clf.predict(pooled[~is_train]) == y[~is_train]).mean())
+
+    grid = image_size // patch_size
+    one_hot = (
+        F.one_hot(torch.from_numpy(parts.astype(np.int64)), len(PART_NAMES))
+        .permute(0, 3, 1, 2)
+        .float()
+    )
+    majority = F.avg_pool2d(one_hot, patch_size).argmax(1).reshape(n, grid * grid).numpy()
+    patch_features = tokens.numpy()
+    scaler = StandardScaler().fit(patch_features[is_train].reshape(-1, tokens.shape[-1]))
+    x_train = scaler.transform(patch_features[is_train].reshape(-1, tokens.shape[-1]))
+    x_test = scaler.transform(patch_features[~is_train].reshape(-1, tokens.shape[-1]))
+    part_clf = LogisticRegression(max_iter=500).fit(x_train, majority[is_train].reshape(-1))
+    part_accuracy = float((part_clf.predict(x_test) == majority[~is_train].reshape(-1)).mean())
+    return ProbeReport(top1, part_accuracy, int(is_train.sum()), int((~is_train).sum()))
