@@ -1,0 +1,195 @@
+"""Throughput of PromptCAM against an explicit-attention forward of the same model.
+
+    python benchmarks/bench_model.py                 # CPU: a small ViT, C = 200 and 1000
+    python benchmarks/bench_model.py --full          # GPU: ViT-B/16, C = 200 ... 10000
+
+"ours" is :class:`promptcam.model.PromptCAM` (fused attention; bf16 autocast on CUDA).
+"explicit" computes the same scores in fp32 with materialised softmax attention in every block,
+as the reference implementation does; in the reference layout its last block also computes the
+rows of all image tokens, which the reference computes and discards. The backbone is randomly
+initialised: weights do not change the speed. Training is forward + backward + SGD step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import Tensor
+
+from promptcam.model import BackboneSpec, PromptCAM, PromptCAMConfig
+
+
+@dataclass(frozen=True)
+class Setting:
+    backbone: BackboneSpec
+    img_size: int
+    class_counts: tuple[int, ...]
+    batch: int
+    baseline_batch: int
+    warmup: int
+    min_seconds: float  # timed steps run until this much time has passed (at least one)
+
+
+CPU_SETTING = Setting(
+    backbone=BackboneSpec(
+        "vit_custom", kwargs=dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=4)
+    ),
+    img_size=32,
+    class_counts=(200, 1000),
+    batch=16,
+    baseline_batch=16,
+    warmup=1,
+    min_seconds=2.0,
+)
+GPU_SETTING = Setting(
+    backbone=BackboneSpec("vit_base_patch16_224"),
+    img_size=224,
+    class_counts=(200, 1000, 5000, 10000),
+    batch=128,
+    baseline_batch=16,  # the reference's batch; larger ones run out of memory sooner
+    warmup=3,
+    min_seconds=3.0,
+)
+
+
+def explicit_block(block: Block, x: Tensor) -> Tensor:
+    attn = block.attn
+    q, k, v = attn.qkv(block.norm1(x)).unflatten(-1, (3, attn.num_heads, -1)).permute(2, 0, 3, 1, 4)
+    weights = ((attn.q_norm(q) * attn.scale) @ attn.k_norm(k).transpose(-2, -1)).softmax(-1)
+    mixed = (weights @ v).transpose(1, 2).flatten(2)
+    x = x + block.ls1(attn.proj(attn.norm(mixed)))
+    return x + block.ls2(block.mlp(block.norm2(x)))
+
+
+def explicit_scores(model: PromptCAM, images: Tensor) -> Tensor:
+    vit, batch = model.backbone, images.shape[0]
+    tokens = model.embed(images)
+    if model.config.layout == "scalable":
+        for block, prompts in zip(vit.blocks[:-1], model.agnostic_prompts, strict=True):
+            tokens = explicit_block(block, torch.cat([prompts.expand(batch, -1, -1), tokens], 1))
+            tokens = tokens[:, prompts.shape[0] :]
+        return model.last_block_attention(tokens)[0]
+    for block, prompts in zip(vit.blocks, model.prompt_embeddings, strict=True):
+        outputs = explicit_block(block, torch.cat([prompts.expand(batch, -1, -1), tokens], 1))
+        tokens = outputs[:, model.num_classes :]
+    return model.head(vit.norm(outputs[:, : model.num_classes])).squeeze(-1)
+
+
+def images_per_second(step: Callable[[], None], batch: int, setting: Setting, device: str) -> float:
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(setting.warmup):
+        step()
+    sync()
+    start, steps, elapsed = time.perf_counter(), 0, 0.0
+    while steps == 0 or elapsed < setting.min_seconds:
+        step()
+        sync()
+        steps, elapsed = steps + 1, time.perf_counter() - start
+    return batch * steps / elapsed
+
+
+def measure(
+    model: PromptCAM,
+    forward: Callable[[Tensor], Tensor],
+    *,
+    train: bool,
+    batch: int,
+    bf16: bool,
+    setting: Setting,
+    device: str,
+) -> float | None:
+    """Images/s, or None when out of memory."""
+    images = torch.randn(batch, 3, setting.img_size, setting.img_size, device=device)
+    labels = torch.randint(model.num_classes, (batch,), device=device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.005, momentum=0.9, weight_decay=1e-3)
+    model.train(train)
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            if not train:
+                with torch.inference_mode():
+                    forward(images)
+                return
+            loss = F.cross_entropy(forward(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    try:
+        return images_per_second(step, batch, setting, device)
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="ViT-B/16, C up to 10000 (GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    setting = GPU_SETTING if args.full else CPU_SETTING
+    bf16 = device == "cuda"
+    print(
+        f"device {device}, backbone {setting.backbone.name} {dict(setting.backbone.kwargs)}, "
+        f"threads {torch.get_num_threads()}, ours: fused attention{', bf16' if bf16 else ''}"
+    )
+    header = ("layout", "C", "mode", "ours img/s", "explicit img/s", "ratio")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for layout in ("reference", "scalable"):
+        for num_classes in setting.class_counts:
+            config = PromptCAMConfig(num_classes=num_classes, layout=layout)
+            model = PromptCAM(setting.backbone, config).to(device)
+            for train in (True, False):
+                ours = measure(
+                    model,
+                    model,
+                    train=train,
+                    batch=setting.batch,
+                    bf16=bf16,
+                    setting=setting,
+                    device=device,
+                )
+                explicit = measure(
+                    model,
+                    lambda x, model=model: explicit_scores(model, x),
+                    train=train,
+                    batch=setting.baseline_batch,
+                    bf16=False,
+                    setting=setting,
+                    device=device,
+                )
+                ratio = f"{ours / explicit:.2f}" if ours and explicit else "-"
+                cells = (
+                    layout,
+                    num_classes,
+                    "train" if train else "infer",
+                    _fmt(ours, setting.batch),
+                    _fmt(explicit, setting.baseline_batch),
+                    ratio,
+                )
+                print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+            del model
+
+
+def _fmt(value: float | None, batch: int) -> str:
+    return "out of memory" if value is None else f"{value:.1f} (batch {batch})"
+
+
+if __name__ == "__main__":
+    main()

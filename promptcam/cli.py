@@ -1,0 +1,118 @@
+"""The ``promptcam`` command line: one subcommand per entry of ``COMMANDS``.
+
+To add a subcommand, write an ``add_arguments(parser)`` and a ``run(args) -> int`` function and
+append a :class:`Command` to ``COMMANDS``. Heavy imports happen inside ``run`` so that
+``promptcam --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _add_convert_reference_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "reference", type=Path, help="reference model.pt ({'model_state_dict': ...})"
+    )
+    parser.add_argument("out", type=Path, help="Prompt-CAM checkpoint to write")
+    parser.add_argument(
+        "--backbone", required=True, help="timm model name, e.g. vit_base_patch16_224.dino"
+    )
+    parser.add_argument(
+        "--backbone-kwargs",
+        type=json.loads,
+        default=None,
+        help="extra timm arguments as JSON, e.g. '{\"img_size\": 224}'",
+    )
+    parser.add_argument(
+        "--label-names", type=Path, default=None, help="text file, one class name per line"
+    )
+
+
+def _run_convert_reference(args: argparse.Namespace) -> int:
+    from promptcam.reference import convert_reference_checkpoint
+
+    label_names = None
+    if args.label_names is not None:
+        label_names = [line for line in args.label_names.read_text().splitlines() if line]
+    backbone_path = convert_reference_checkpoint(
+        args.reference,
+        args.out,
+        args.backbone,
+        backbone_kwargs=args.backbone_kwargs,
+        label_names=label_names,
+    )
+    print(f"wrote {args.out} and its backbone {backbone_path}")
+    return 0
+
+
+def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("images", type=Path, help="an image or a folder of images")
+    parser.add_argument("--out", type=Path, required=True, help="output .npz")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--backbone-weights", type=Path, default=None, help="override the stored weight path"
+    )
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from promptcam.predict import predict
+
+    predict(
+        args.checkpoint,
+        args.images,
+        args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+        backbone_weights=args.backbone_weights,
+    )
+    return 0
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "convert-reference",
+        "convert a checkpoint of the reference implementation (Imageomics/Prompt_CAM)",
+        _add_convert_reference_arguments,
+        _run_convert_reference,
+    ),
+    Command(
+        "predict",
+        "class scores and attention maps for images",
+        _add_predict_arguments,
+        _run_predict,
+    ),
+)
+
+
+def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="promptcam", description="Prompt-CAM: class prompts that explain a frozen ViT."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in commands:
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)

@@ -1,0 +1,570 @@
+"""Prompt-CAM on a frozen timm VisionTransformer.
+
+Prompt-CAM (Chowdhury et al., CVPR 2025, arXiv 2501.09333) gives a frozen pre-trained ViT one
+learnable prompt per class. The output ``z^c`` of class ``c``'s prompt in the last block is
+scored by one vector shared by all classes, ``s[c] = w . norm(z^c) + b``; since ``w`` is shared,
+a class can only win by *attending* to its own traits, so the last block's attention of class
+``c``'s prompt over the image patches (one map per head) explains the decision.
+
+Two layouts:
+
+* ``"reference"`` matches Imageomics/Prompt_CAM (commit 7722fc2). Every block gets its own ``C``
+  prompts (deep variant) in the token order ``[prompts, prefix (CLS, registers), patches]``;
+  prompts are dropped after each block; attention is unmasked. The shallow variant prepends the
+  class prompts once and carries them through all blocks.
+* ``"scalable"`` keeps a fixed number of class-agnostic prompts in blocks ``1..N-1``; in block
+  ``N`` the ``C`` class prompts attend to the image tokens only. There a class prompt contributes
+  *only its query*: the residual stream its attention output is added to is ``readout_token``,
+  one learned token shared by all classes. The score of class ``c`` is thus a function of its
+  attention pattern alone: if every image token entering the last block is identical, all ``C``
+  scores are exactly equal, and a class can only gain by attending to different tokens.
+
+Only the prompts, the shared head (and the readout token) are trainable; the backbone is frozen
+and kept in eval mode. Prompt dropout (one mask per step, as in the reference) and stochastic
+depth (timm's linear decay rule) are applied by this module, in training only.
+
+The last block never computes queries, attention rows or MLP outputs for the image tokens: the
+reference discards them. Attention uses ``F.scaled_dot_product_attention`` except where the
+weights are returned (:meth:`PromptCAM.forward_with_attention`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import resolve_model_data_config
+from timm.layers import Attention, calculate_drop_path_rates, drop_path
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from promptcam.io import atomic_path, sha256_file
+
+__all__ = [
+    "CUSTOM_VIT",
+    "BackboneMismatchError",
+    "BackboneSpec",
+    "CheckpointMeta",
+    "Preprocessing",
+    "PromptCAM",
+    "PromptCAMConfig",
+    "build_backbone",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+Layout = Literal["reference", "scalable"]
+Variant = Literal["deep", "shallow"]
+
+CUSTOM_VIT = "vit_custom"
+CHECKPOINT_FORMAT = "promptcam-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PromptCAMConfig:
+    """Hyper-parameters of the prompts and the head (the backbone is described by BackboneSpec).
+
+    Args:
+        num_classes: Number of classes C (one prompt and one score each).
+        layout: ``"reference"`` (C prompts in every block) or ``"scalable"``
+            (``num_agnostic_prompts`` in blocks 1..N-1, class prompts only in block N).
+        variant: ``"deep"`` (fresh prompts per block) or ``"shallow"`` (class prompts
+            prepended once and carried through all blocks; reference layout only).
+        num_agnostic_prompts: Class-agnostic prompts per block 1..N-1 (scalable layout).
+        prompt_dropout: Dropout on the prompt embeddings during training.
+        drop_path_rate: Stochastic depth of the last block during training, decayed linearly
+            to 0 at the first block (timm's rule); the reference uses 0.1 for DINO.
+    """
+
+    num_classes: int
+    layout: Layout = "reference"
+    variant: Variant = "deep"
+    num_agnostic_prompts: int = 16
+    prompt_dropout: float = 0.1
+    drop_path_rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {self.num_classes}")
+        if self.layout not in ("reference", "scalable"):
+            raise ValueError(f"layout must be 'reference' or 'scalable', got {self.layout!r}")
+        if self.variant not in ("deep", "shallow"):
+            raise ValueError(f"variant must be 'deep' or 'shallow', got {self.variant!r}")
+        if self.layout == "scalable" and self.variant == "shallow":
+            raise ValueError("the shallow variant exists only in the reference layout")
+        if self.num_agnostic_prompts < 0:
+            raise ValueError("num_agnostic_prompts must be >= 0")
+        for name in ("prompt_dropout", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model's input: resize to ``img_size``, scale to [0, 1], normalise."""
+
+    img_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    @classmethod
+    def from_backbone(cls, backbone: VisionTransformer) -> Preprocessing:
+        data_config = resolve_model_data_config(backbone)
+        return cls(
+            img_size=tuple(backbone.patch_embed.img_size),
+            mean=tuple(data_config["mean"]),
+            std=tuple(data_config["std"]),
+            interpolation=data_config["interpolation"],
+        )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
+        return cls(
+            img_size=tuple(values["img_size"]),
+            mean=tuple(values["mean"]),
+            std=tuple(values["std"]),
+            interpolation=values["interpolation"],
+        )
+
+
+def build_backbone(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    img_size: int | None = None,
+    **timm_kwargs: Any,
+) -> VisionTransformer:
+    """Create a timm VisionTransformer without classifier, random init when ``weights`` is None.
+
+    A registered timm name loads ``weights`` through timm's pretrained path, whose checkpoint
+    filter converts DINOv2, CLIP and BioCLIP originals (``checkpoint_path=`` would not).
+    ``name == "vit_custom"`` builds ``VisionTransformer(**timm_kwargs)`` directly (a small demo
+    ViT) and loads ``weights`` as a plain state dict.
+    """
+    if img_size is not None:
+        timm_kwargs["img_size"] = img_size
+    if name == CUSTOM_VIT:
+        model = VisionTransformer(num_classes=0, **timm_kwargs)
+        if weights is not None:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            # A pretext-task classifier is replaced by Prompt-CAM's own head.
+            state = {k: v for k, v in state.items() if not k.startswith("head.")}
+            model.load_state_dict(state)
+    else:
+        model = timm.create_model(
+            name,
+            pretrained=weights is not None,
+            pretrained_cfg_overlay=None if weights is None else dict(file=str(weights)),
+            num_classes=0,
+            **timm_kwargs,
+        )
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+    return model
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to rebuild a backbone bit-identically; see :func:`build_backbone`.
+
+    ``kwargs`` are passed to timm (``img_size`` included; for ``vit_custom`` the whole
+    architecture) and must be plain Python values, as they are stored in checkpoints.
+
+    ``seed`` fixes the random initialisation when ``weights`` is None, so that checkpoints of a
+    randomly initialised backbone can be reloaded too.
+    """
+
+    name: str
+    weights: str | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def build(self) -> VisionTransformer:
+        if self.weights is not None:
+            return build_backbone(self.name, self.weights, **self.kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            return build_backbone(self.name, None, **self.kwargs)
+
+
+def _check_supported(backbone: VisionTransformer) -> None:
+    for index, block in enumerate(backbone.blocks):
+        if type(block) is not Block or type(block.attn) is not Attention:
+            raise NotImplementedError(
+                f"block {index} is {type(block).__name__} with {type(block.attn).__name__}; "
+                "Prompt-CAM supports timm's pre-norm Block with the standard Attention"
+            )
+        if getattr(block.attn, "gate", None) is not None:
+            raise NotImplementedError("gated attention is not supported")
+
+
+def _split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, T, H * d) -> (B, H, T, d)."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(-3, -2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    """(B, H, T, d) -> (B, T, H * d)."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+def _queries(attn: Attention, x: Tensor) -> Tensor:
+    """Queries of normed tokens ``x`` only: the first third of ``attn.qkv``."""
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[: attn.attn_dim]
+    q = F.linear(x, attn.qkv.weight[: attn.attn_dim], bias)
+    return attn.q_norm(_split_heads(q, attn.num_heads))
+
+
+def _keys_values(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values of normed tokens ``x`` only: the last two thirds of ``attn.qkv``."""
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[attn.attn_dim :]
+    k, v = F.linear(x, attn.qkv.weight[attn.attn_dim :], bias).chunk(2, dim=-1)
+    return attn.k_norm(_split_heads(k, attn.num_heads)), _split_heads(v, attn.num_heads)
+
+
+def _attention_output(attn: Attention, heads: Tensor) -> Tensor:
+    """Merged head outputs (..., H * d) -> block dimension."""
+    return attn.proj(attn.norm(heads))
+
+
+def _self_attention(attn: Attention, x: Tensor) -> Tensor:
+    q, k, v = _split_heads(attn.qkv(x), 3 * attn.num_heads).chunk(3, dim=1)
+    out = F.scaled_dot_product_attention(attn.q_norm(q), attn.k_norm(k), v)
+    return _attention_output(attn, _merge_heads(out))
+
+
+class PromptCAM(nn.Module):
+    """Class prompts in a frozen ViT, scored by one shared ``Linear(D, 1)``; see module docs.
+
+    Trainable tensors: ``prompt_embeddings`` (reference layout: (depth, C, D) for deep,
+    (1, C, D) for shallow) or ``agnostic_prompts`` (depth - 1, A, D), ``class_prompts`` (C, D)
+    and ``readout_token`` (D,) (scalable layout), plus ``head``.
+    """
+
+    def __init__(self, backbone: BackboneSpec, config: PromptCAMConfig) -> None:
+        super().__init__()
+        vit = backbone.build()
+        _check_supported(vit)
+        vit.requires_grad_(False)
+        self.backbone = vit.eval()
+        self.backbone_spec = backbone
+        self.config = config
+
+        depth, dim, num_classes = len(vit.blocks), vit.embed_dim, config.num_classes
+        if config.layout == "reference":
+            prompt_blocks = depth if config.variant == "deep" else 1
+            self.prompt_embeddings = nn.Parameter(torch.empty(prompt_blocks, num_classes, dim))
+        else:
+            self.agnostic_prompts = nn.Parameter(
+                torch.empty(depth - 1, config.num_agnostic_prompts, dim)
+            )
+            self.class_prompts = nn.Parameter(torch.empty(num_classes, dim))
+            self.readout_token = nn.Parameter(torch.empty(dim))
+        self.head = nn.Linear(dim, 1)
+        self.drop_path_rates: tuple[float, ...] = tuple(
+            calculate_drop_path_rates(config.drop_path_rate, depth)
+        )
+        self.reset_prompts()
+
+    @torch.no_grad()
+    def reset_prompts(self) -> None:
+        """Every trainable tensor but the head ~ U(-a, a), a = sqrt(6 / (channels * patch area
+        + D)): VPT's and the reference's "xavier uniform"."""
+        patch_h, patch_w = self.backbone.patch_embed.patch_size
+        fan_in = self.backbone.in_chans * patch_h * patch_w
+        bound = math.sqrt(6.0 / (fan_in + self.backbone.embed_dim))
+        for name, param in self.named_parameters():
+            if not name.startswith(("backbone.", "head.")):
+                param.uniform_(-bound, bound)
+
+    def train(self, mode: bool = True) -> PromptCAM:
+        super().train(mode)
+        # Frozen statistics and no dropout inside the backbone, as for a fixed feature extractor.
+        self.backbone.eval()
+        return self
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def num_heads(self) -> int:
+        return self.backbone.blocks[-1].attn.num_heads
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        return tuple(self.backbone.patch_embed.grid_size)
+
+    @property
+    def _num_leading_tokens(self) -> int:
+        """Tokens before the patches in :meth:`encode_to_last_block`'s output."""
+        carried = self.num_classes if self.config.variant == "shallow" else 0
+        return carried + self.backbone.num_prefix_tokens
+
+    def _dropout(self, prompts: Tensor) -> Tensor:
+        # One mask for the whole batch, as in the reference (dropout before expand).
+        return F.dropout(prompts, self.config.prompt_dropout, self.training)
+
+    def _run_block(self, index: int, x: Tensor) -> Tensor:
+        block, rate = self.backbone.blocks[index], self.drop_path_rates[index]
+        x = x + drop_path(
+            block.ls1(_self_attention(block.attn, block.norm1(x))), rate, self.training
+        )
+        return x + drop_path(block.ls2(block.mlp(block.norm2(x))), rate, self.training)
+
+    def _run_block_with_prompts(self, index: int, prompts: Tensor, x: Tensor) -> Tensor:
+        """Prepend ``prompts`` (P, D) before block ``index`` and drop them after it."""
+        if prompts.shape[0] == 0:
+            return self._run_block(index, x)
+        prompts = self._dropout(prompts).expand(x.shape[0], -1, -1)
+        return self._run_block(index, torch.cat([prompts, x], dim=1))[:, prompts.shape[1] :]
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Images (B, 3, H, W) -> tokens entering block 1: [prefix (CLS, registers), patches]."""
+        vit = self.backbone
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+
+    def encode_to_last_block(self, x: Tensor) -> Tensor:
+        """Images -> tokens entering the last block, before its prompts are prepended.
+
+        Deep and scalable: the image tokens (B, prefix + patches, D). Shallow: the carried class
+        prompt states come first, (B, C + prefix + patches, D).
+        """
+        tokens = self.embed(x)
+        last = len(self.backbone.blocks) - 1
+        if self.config.layout == "scalable":
+            for index in range(last):
+                tokens = self._run_block_with_prompts(index, self.agnostic_prompts[index], tokens)
+        elif self.config.variant == "deep":
+            for index in range(last):
+                tokens = self._run_block_with_prompts(index, self.prompt_embeddings[index], tokens)
+        else:
+            prompts = self._dropout(self.prompt_embeddings[0]).expand(tokens.shape[0], -1, -1)
+            tokens = torch.cat([prompts, tokens], dim=1)
+            for index in range(last):
+                tokens = self._run_block(index, tokens)
+        return tokens
+
+    def _last_block_inputs(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Queries (B, H, C, d) of the class rows, keys and values (B, H, T, d) of all tokens the
+        class rows attend to, and the class rows' residual stream (B or 1, C, D)."""
+        batch = tokens.shape[0]
+        block = self.backbone.blocks[-1]
+        if self.config.layout == "scalable":
+            queries_from = self._dropout(self.class_prompts)[None]
+            residual = self.readout_token.expand_as(queries_from)
+            context = tokens
+        elif self.config.variant == "deep":
+            queries_from = residual = self._dropout(self.prompt_embeddings[-1])[None]
+            context = torch.cat([residual.expand(batch, -1, -1), tokens], dim=1)
+        else:
+            queries_from = residual = tokens[:, : self.num_classes]
+            context = tokens
+        q = _queries(block.attn, block.norm1(queries_from)).expand(batch, -1, -1, -1)
+        k, v = _keys_values(block.attn, block.norm1(context))
+        return q, k, v, residual
+
+    def _last_block_scores(self, heads: Tensor, residual: Tensor) -> Tensor:
+        """Merged head outputs (B, ..., H * d) of class rows -> scores (B, ...)."""
+        block, rate = self.backbone.blocks[-1], self.drop_path_rates[-1]
+        x = residual + drop_path(
+            block.ls1(_attention_output(block.attn, heads)), rate, self.training
+        )
+        x = x + drop_path(block.ls2(block.mlp(block.norm2(x))), rate, self.training)
+        return self.head(self.backbone.norm(x)).squeeze(-1)
+
+    def last_block_scores(
+        self,
+        tokens: Tensor,
+        class_index: Tensor | None = None,
+        blurred_heads: Tensor | None = None,
+    ) -> Tensor:
+        """Scores (B, C) from :meth:`encode_to_last_block`'s tokens, optionally with heads blurred.
+
+        Blurring head ``h`` of image ``b`` sets the pre-softmax logits of class
+        ``class_index[b]``'s prompt row in the last block to 0 for that head (uniform attention
+        over all keys), as the reference's trait identification does. Only that row changes, so
+        it is recomputed alone, from the uniform average of the values.
+
+        Args:
+            tokens: Output of :meth:`encode_to_last_block`, (B, T, D).
+            class_index: (B,) class whose prompt row is blurred; needed with ``blurred_heads``.
+            blurred_heads: (B, H) bool, or (B, K, H) for K alternative head sets per image,
+                all evaluated from one pass over ``tokens``.
+
+        Returns:
+            (B, C) scores, or (B, K, C) for a (B, K, H) mask.
+        """
+        q, k, v, residual = self._last_block_inputs(tokens)
+        heads = F.scaled_dot_product_attention(q, k, v)
+        scores = self._last_block_scores(_merge_heads(heads), residual)
+        if blurred_heads is None:
+            return scores
+        if class_index is None:
+            raise ValueError("blurred_heads needs class_index")
+        single = blurred_heads.dim() == 2
+        mask = blurred_heads[:, None] if single else blurred_heads
+        batch = torch.arange(tokens.shape[0], device=tokens.device)
+        attended = heads[batch, :, class_index]  # (B, H, d)
+        uniform = v.mean(dim=2)
+        candidates = torch.where(mask[..., None], uniform[:, None], attended[:, None])
+        row_residual = residual.expand(tokens.shape[0], -1, -1)[batch, class_index]
+        row_scores = self._last_block_scores(candidates.flatten(-2), row_residual[:, None])
+        out = scores[:, None].expand(-1, mask.shape[1], -1).clone()
+        out.scatter_(
+            2, class_index[:, None, None].expand(-1, mask.shape[1], 1), row_scores[..., None]
+        )
+        return out[:, 0] if single else out
+
+    def last_block_attention(
+        self,
+        tokens: Tensor,
+        class_index: Tensor | None = None,
+        blurred_heads: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Like :meth:`last_block_scores` ((B, H) masks only), materialising the attention.
+
+        Returns:
+            scores (B, C) and attention (B, H, C, patches): the softmax over all keys of the last
+            block, of each class prompt's row, sliced to the patch tokens, not renormalised.
+        """
+        q, k, v, residual = self._last_block_inputs(tokens)
+        logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        if blurred_heads is not None:
+            if class_index is None:
+                raise ValueError("blurred_heads needs class_index")
+            images, heads = blurred_heads.nonzero(as_tuple=True)
+            logits[images, heads, class_index[images]] = 0.0
+        attention = logits.softmax(dim=-1)
+        scores = self._last_block_scores(_merge_heads(attention @ v), residual)
+        num_patches = tokens.shape[1] - self._num_leading_tokens
+        return scores, attention[..., -num_patches:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Images (B, 3, H, W) -> class scores (B, C)."""
+        return self.last_block_scores(self.encode_to_last_block(x))
+
+    def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Images -> scores (B, C) and attention maps (B, H, C, patches); see
+        :meth:`last_block_attention`."""
+        return self.last_block_attention(self.encode_to_last_block(x))
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    label_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    extra: dict[str, Any]
+
+
+class BackboneMismatchError(ValueError):
+    """The backbone weights offered are not the ones the checkpoint was trained on."""
+
+
+def _trainable_state(model: PromptCAM) -> dict[str, Tensor]:
+    return {
+        name: tensor.detach().cpu()
+        for name, tensor in model.state_dict().items()
+        if not name.startswith("backbone.")
+    }
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: PromptCAM,
+    *,
+    label_names: Sequence[str],
+    extra: Mapping[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> None:
+    """Atomically save the trainable tensors and how to rebuild everything else.
+
+    The backbone is referenced, not stored: its timm name, kwargs, weight file (path and
+    sha256) or random-init seed. Only tensors and plain Python values are written, so the
+    file loads with ``torch.load(weights_only=True)``; ``extra`` must hold such values too.
+    ``preprocessing`` defaults to the backbone's data config.
+    """
+    if len(label_names) != model.num_classes:
+        raise ValueError(f"{len(label_names)} label names for {model.num_classes} classes")
+    spec = model.backbone_spec
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": dataclasses.asdict(model.config),
+        "backbone": {
+            "name": spec.name,
+            "weights": spec.weights,
+            "weights_sha256": None if spec.weights is None else sha256_file(spec.weights),
+            "kwargs": dict(spec.kwargs),
+            "seed": spec.seed,
+        },
+        "state_dict": _trainable_state(model),
+        "label_names": list(label_names),
+        "preprocessing": dataclasses.asdict(
+            preprocessing or Preprocessing.from_backbone(model.backbone)
+        ),
+        "extra": dict(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+        # Fail now, not at load time, if something unsafe to unpickle slipped in.
+        torch.load(tmp, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    backbone_weights: str | os.PathLike | None = None,
+) -> tuple[PromptCAM, CheckpointMeta]:
+    """Rebuild a :class:`PromptCAM` saved by :func:`save_checkpoint` (on the CPU, eval mode).
+
+    ``backbone_weights`` overrides the weight file path stored in the checkpoint (e.g. on
+    another machine); its sha256 must match the one recorded at save time.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a Prompt-CAM checkpoint")
+    stored = payload["backbone"]
+    weights = stored["weights"] if backbone_weights is None else str(backbone_weights)
+    expected = stored["weights_sha256"]
+    if expected is None and backbone_weights is not None:
+        raise BackboneMismatchError(
+            f"{path} was trained on a randomly initialised backbone (seed {stored['seed']}), "
+            f"not on {backbone_weights}"
+        )
+    if expected is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(
+                f"backbone weights {weights} of {path} not found; pass backbone_weights="
+            )
+        actual = sha256_file(weights)
+        if actual != expected:
+            raise BackboneMismatchError(
+                f"backbone weights {weights} have sha256 {actual}, but {path} was trained on "
+                f"weights with sha256 {expected}"
+            )
+    spec = BackboneSpec(
+        name=stored["name"],
+        weights=weights,
+        kwargs=stored["kwargs"],
+        seed=stored["seed"],
+    )
+    model = PromptCAM(spec, PromptCAMConfig(**payload["config"]))
+    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    missing = [name for name in missing if not name.startswith("backbone.")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    meta = CheckpointMeta(
+        label_names=tuple(payload["label_names"]),
+        preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
+        extra=payload["extra"],
+    )
+    return model.eval(), meta
