@@ -18,10 +18,10 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/pretrain.smk"
 
 
 # Later stages are included here, in pipeline order:
-# include: "workflow/rules/pretrain.smk"
 # include: "workflow/rules/train.smk"
 # include: "workflow/rules/traits.smk"
 # include: "workflow/rules/figures.smk"

@@ -85,6 +85,88 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    from promptcam.pretrain import DEMO_BACKBONE, PretrainConfig
+
+    defaults = PretrainConfig()
+    parser.add_argument("--out", type=Path, default=DEMO_BACKBONE, help="weights file to write")
+    parser.add_argument(
+        "--work-dir", type=Path, default=Path("results/pretrain/work"), help="resumable state"
+    )
+    for name in ("steps", "batch_size", "seed", "threads", "num_workers"):
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, type=int, default=getattr(defaults, name))
+    parser.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    parser.add_argument("--probe-per-species", type=int, default=60, help="0 skips the probes")
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from promptcam.pretrain import PretrainConfig, run_pretraining
+
+    config = PretrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        threads=args.threads,
+        num_workers=args.num_workers,
+    )
+    card = run_pretraining(
+        config,
+        args.work_dir,
+        args.out,
+        command="promptcam pretrain-backbone " + " ".join(_argv_for_card(args)),
+        device=args.device,
+        probe_per_species=args.probe_per_species,
+    )
+    print(json.dumps({k: card[k] for k in ("file", "sha256", "steps", "quality")}, indent=2))
+    return 0
+
+
+def _argv_for_card(args: argparse.Namespace) -> list[str]:
+    return [
+        f"--out {args.out}",
+        f"--work-dir {args.work_dir}",
+        f"--steps {args.steps}",
+        f"--batch-size {args.batch_size}",
+        f"--seed {args.seed}",
+        f"--threads {args.threads}",
+        f"--num-workers {args.num_workers}",
+    ]
+
+
+def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("images", type=Path, help="an image or a folder of images")
+    parser.add_argument("--out", type=Path, required=True, help="output .parquet")
+    parser.add_argument(
+        "--stop",
+        choices=("top-k", "misclassified"),
+        default="top-k",
+        help="keep --top-traits heads (the reference) or blur until misclassified (the paper)",
+    )
+    parser.add_argument("--top-traits", type=int, default=4, help="heads kept by --stop top-k")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--backbone-weights", type=Path, default=None, help="override the stored weight path"
+    )
+
+
+def _run_traits(args: argparse.Namespace) -> int:
+    from promptcam.traits import GreedyConfig, traits_for_images
+
+    traits_for_images(
+        args.checkpoint,
+        args.images,
+        args.out,
+        GreedyConfig(stop=args.stop, top_traits=args.top_traits),
+        batch_size=args.batch_size,
+        device=args.device,
+        backbone_weights=args.backbone_weights,
+    )
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "convert-reference",
@@ -97,6 +179,18 @@ COMMANDS: tuple[Command, ...] = (
         "class scores and attention maps for images",
         _add_predict_arguments,
         _run_predict,
+    ),
+    Command(
+        "pretrain-backbone",
+        "pre-train the demo's small ViT on label-free generator geometry",
+        _add_pretrain_arguments,
+        _run_pretrain,
+    ),
+    Command(
+        "traits",
+        "greedy head masking: each image's trait heads for its predicted class",
+        _add_traits_arguments,
+        _run_traits,
     ),
 )
 

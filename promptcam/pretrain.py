@@ -53,11 +53,11 @@ class PretrainConfig:
     depth: int = 6
     num_heads: int = 8
     sub_grid: int = 4
-    steps: int = 6000
+    steps: int = 2000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 300
+    warmup_steps: int = 150
     seed: int = 1234
     num_workers: int = 1
     threads: int = 1
@@ -174,7 +174,7 @@ def pretext_losses(
     cell_accuracy = (dense_logits.argmax(-1) == target.argmax(-1)).float().mean()
     loss = dense_loss + model.config.pose_weight * pose_loss
     return loss, {
-        "loss": float(loss),
+        "loss": float(loss.detach()),
         "dense_loss": float(dense_loss),
         "pose_loss": float(pose_loss),
         "cell_accuracy": float(cell_accuracy),
@@ -277,7 +277,9 @@ def pretrain(config: PretrainConfig, work_dir: str | Path, device: str = "cpu") 
     )
 
 
-def export_backbone(work_dir: str | Path, out_path: str | Path, command: str) -> dict[str, Any]:
+def export_backbone(
+    work_dir: str | Path, out_path: str | Path, command: str, quality: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write the backbone's weights (fp16, timm key names) and a JSON card beside them."""
     state = torch.load(Path(work_dir) / "state.pt", map_location="cpu", weights_only=True)
     prefix = "backbone."
@@ -299,9 +301,30 @@ def export_backbone(work_dir: str | Path, out_path: str | Path, command: str) ->
         "cpu_seconds": float(state["seconds"]),
         "final_metrics": state["metrics"],
         "command": command,
+        "quality": quality,
     }
     write_json(out.with_suffix(".json"), card)
     return card
+
+
+DEMO_BACKBONE = Path(__file__).parent / "assets" / "demo_vit.pt"
+
+
+def demo_backbone_spec(weights: str | Path = DEMO_BACKBONE) -> dict[str, Any]:
+    """The backbone entry (timm name, weight file, timm kwargs) of an exported demo backbone.
+
+    Checks the weight file against the sha256 its card records, so a corrupted or
+    regenerated-but-not-recorded file is caught before any training starts.
+    """
+    weights = Path(weights)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    actual = sha256_file(weights)
+    if actual != card["sha256"]:
+        raise ValueError(
+            f"{weights}: sha256 {actual} does not match its card ({card['sha256']}); "
+            "regenerate it with the command in the card, or restore the file from git"
+        )
+    return {"name": card["timm_name"], "weights": str(weights), "kwargs": card["timm_kwargs"]}
 
 
 def load_pretrain_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
@@ -396,3 +419,33 @@ def probe_backbone(
     part_clf = LogisticRegression(max_iter=500).fit(x_train, majority[is_train].reshape(-1))
     part_accuracy = float((part_clf.predict(x_test) == majority[~is_train].reshape(-1)).mean())
     return ProbeReport(top1, part_accuracy, int(is_train.sum()), int((~is_train).sum()))
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def run_pretraining(
+    config: PretrainConfig,
+    work_dir: str | Path,
+    out_path: str | Path,
+    *,
+    command: str,
+    device: str = "auto",
+    probe_per_species: int = 60,
+) -> dict[str, Any]:
+    """Pre-train (resuming if ``work_dir`` holds a state), probe the result, export weights+card."""
+    device = resolve_device(device)
+    result = pretrain(config, work_dir, device=device)
+    log.info("pre-training finished: %d steps in %.0f s", result.steps, result.seconds)
+    quality = None
+    if probe_per_species > 0:
+        model = PretextModel(config)
+        state = torch.load(Path(work_dir) / "state.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        report = probe_backbone(model.backbone, config.image_size, config.patch_size, per_species=probe_per_species)
+        quality = report.as_dict()
+        log.info("probe: %s", quality)
+    return export_backbone(work_dir, out_path, command, quality)

@@ -69,6 +69,18 @@ def data_outputs():
     ]
 
 
+def gpu_request():
+    return config["gpus_per_job"]
+
+
+def pretrain_settings():
+    """PretrainConfig fields from the config (threads come from the rule)."""
+    settings = dict(config["pretrain"])
+    for key in ("device", "probe_per_species"):
+        settings.pop(key)
+    return settings
+
+
 wildcard_constraints:
     rank="|".join(re.escape(rank) for rank in levels()),
     split="train|val|test",

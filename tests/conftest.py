@@ -1,0 +1,62 @@
+"""Shared pytest setup: session environment, repo_root, and a real local SLURM cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Set for the whole session, before any test module imports torch/timm/ete3/matplotlib.
+os.environ["HF_HUB_OFFLINE"] = "1"  # no model downloads here, ever
+os.environ["QT_QPA_PLATFORM"] = "offscreen"  # ete3/PyQt5 aborts the process without a display
+os.environ["MPLBACKEND"] = "Agg"  # ete3 rendering may otherwise switch matplotlib to Qt
+os.environ.pop("OMP_NUM_THREADS", None)  # let torch pick its threads; no inherited caps
+
+SLURM_PARTITION = "main"  # must match slurm/config.yaml default-resources.slurm_partition
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository root (the folder holding Snakefile, slurm/, tests/)."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(repo_root: Path) -> SimpleNamespace:
+    """A running one-node SLURM (slurm/local/start.sh); installs it with apt if needed.
+
+    Skips only where it cannot run (not root, apt-get unusable); under CI=true it fails
+    instead, so CI never silently drops the SLURM tests. The cluster is left running.
+    """
+    in_ci = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+    def cannot_run(why: str):
+        if in_ci:
+            pytest.fail(f"local SLURM is required in CI: {why}")
+        pytest.skip(f"local SLURM unavailable: {why}")
+
+    if os.geteuid() != 0:
+        cannot_run("slurm/local/start.sh needs root (it installs packages, starts daemons)")
+    if shutil.which("slurmctld") is None and shutil.which("apt-get") is None:
+        cannot_run("SLURM is not installed and there is no apt-get to install it")
+
+    env = {**os.environ, "SLURM_LOCAL_PARTITION": SLURM_PARTITION}
+    proc = subprocess.run(
+        ["bash", str(repo_root / "slurm" / "local" / "start.sh")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    log = (proc.stdout + proc.stderr)[-4000:]
+    if proc.returncode == 77:
+        cannot_run(f"start.sh says it cannot run here:\n{log}")
+    if proc.returncode != 0:
+        pytest.fail(f"slurm/local/start.sh failed (exit {proc.returncode}):\n{log}")
+    return SimpleNamespace(partition=SLURM_PARTITION, log=log)
