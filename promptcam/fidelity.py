@@ -1,0 +1,450 @@
+"""Faithfulness of saliency maps: insertion and deletion AUC, and a counterfactual check.
+
+Insertion and deletion (Petsiuk et al., RISE, BMVC 2018), at patch resolution:
+
+* Patches are ranked by the map, highest first (ties: lower patch index first).
+* The curve has ``steps + 1`` points: after ``n_k = round(k * P / steps)`` patches, k = 0..steps
+  (steps is capped at P, the number of patches), i.e. fractions ``n_k / P`` from 0 to 1.
+* **Deletion** starts from the image and replaces the ranked patches by the image's mean colour
+  (per channel); **insertion** starts from a blurred copy and puts the ranked patches back. The
+  blur is Gaussian, RISE's ``klen=11, nsig=5`` at 224 px: sigma = 5 px and an 11 px kernel,
+  both scaled with the image side (the kernel rounded to the next odd size).
+* The score is the softmax probability of the image's **true class**, from the model that the
+  map explains (Prompt-CAM's maps by Prompt-CAM, the baselines' by the linear probe).
+* AUC: trapezoid rule over the fractions. Insertion: higher is better; deletion: lower is better.
+
+Counterfactual check, on correctly classified images: blank (mean colour) the region of the
+image's top trait, the ``region_patches`` highest patches of the most important head's map
+(the head the greedy search blurs last), and count how often the prediction changes; compare
+with ``random_regions`` regions of as many patches drawn uniformly at random per image.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision.transforms.functional as TF
+from torch import Tensor
+
+from promptcam.io import atomic_open, write_json
+
+LOGGER = logging.getLogger(__name__)
+
+__all__ = [
+    "FidelityConfig",
+    "auc",
+    "blurred_copy",
+    "counterfactual",
+    "mean_colour",
+    "patch_counts",
+    "patch_ranking",
+    "perturbation_curves",
+    "prompt_cam_saliency",
+    "run_rank_fidelity",
+    "top_head_maps",
+]
+
+Mode = Literal["insertion", "deletion"]
+COUNTERFACTUAL_KEYS = (
+    "top_trait_flip_rate",
+    "random_flip_rate",
+    "top_trait_probability_drop",
+    "random_probability_drop",
+)
+ScoreFn = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class FidelityConfig:
+    """The workflow config's ``fidelity`` section; see the module docstring."""
+
+    steps: int = 32
+    blur_sigma: float = 5.0
+    blur_kernel: int = 11
+    blur_reference_size: int = 224
+    max_images: int | None = None
+    batch_size: int = 64
+    region_fraction: float = 0.1
+    random_regions: int = 10
+    seed: int = 0
+    threads: int = 1
+    num_workers: int = 0
+    device: str = "auto"
+    linear_probe: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FidelityConfig:
+        return cls(**dict(values))
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+        if not 0.0 < self.region_fraction < 1.0:
+            raise ValueError(f"region_fraction must be in (0, 1), got {self.region_fraction}")
+        if self.random_regions < 1:
+            raise ValueError(f"random_regions must be positive, got {self.random_regions}")
+
+
+# ----------------------------------------------------------------------------- perturbation
+
+
+def patch_ranking(saliency: Tensor) -> Tensor:
+    """Maps (N, h, w) -> patch indices (N, P), most salient first, ties by lower index."""
+    return saliency.flatten(1).sort(dim=1, descending=True, stable=True).indices
+
+
+def patch_counts(num_patches: int, steps: int) -> np.ndarray:
+    """Patches perturbed at each point of the curve: ``round(k * P / steps)``, k = 0..steps."""
+    steps = min(steps, num_patches)
+    return np.rint(np.arange(steps + 1) * num_patches / steps).astype(np.int64)
+
+
+def _selection(ranking: Tensor, count: int, grid: tuple[int, int], size: tuple[int, int]) -> Tensor:
+    """Pixel mask (N, 1, H, W) of the ``count`` top-ranked patches."""
+    selected = torch.zeros(ranking.shape, dtype=torch.bool, device=ranking.device)
+    selected.scatter_(1, ranking[:, :count], True)
+    patch_h, patch_w = size[0] // grid[0], size[1] // grid[1]
+    cells = selected.view(-1, 1, *grid)
+    return cells.repeat_interleave(patch_h, dim=2).repeat_interleave(patch_w, dim=3)
+
+
+def mean_colour(images: Tensor) -> Tensor:
+    """Each image's mean colour, broadcast to its shape: the deletion baseline."""
+    return images.mean(dim=(2, 3), keepdim=True).expand_as(images)
+
+
+def blurred_copy(
+    images: Tensor, sigma: float = 5.0, kernel: int = 11, reference_size: int = 224
+) -> Tensor:
+    """Gaussian blur scaled with the image side from ``sigma``/``kernel`` at ``reference_size``."""
+    scale = images.shape[-1] / reference_size
+    size = max(3, math.ceil(kernel * scale) // 2 * 2 + 1)
+    return TF.gaussian_blur(images, [size, size], [sigma * scale, sigma * scale])
+
+
+def _target_probability(scores: Tensor, targets: Tensor) -> Tensor:
+    return scores.float().softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)
+
+
+def perturbation_curves(
+    score_fn: ScoreFn,
+    images: Tensor,
+    targets: Tensor,
+    saliency: Tensor,
+    baseline: Tensor,
+    mode: Mode,
+    steps: int,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Insertion or deletion curves of ``images`` (N, 3, H, W) under maps (N, h, w).
+
+    Returns:
+        The fractions (S,) and the true class's probability at each (N, S).
+    """
+    if mode not in ("insertion", "deletion"):
+        raise ValueError(f"mode must be 'insertion' or 'deletion', got {mode!r}")
+    grid = tuple(saliency.shape[-2:])
+    counts = patch_counts(grid[0] * grid[1], steps)
+    ranking = patch_ranking(saliency)
+    start, end = (baseline, images) if mode == "insertion" else (images, baseline)
+    columns = []
+    for count in counts:
+        # One point of every curve at a time: memory stays that of one batch of images.
+        perturbed = torch.where(
+            _selection(ranking, int(count), grid, images.shape[-2:]), end, start
+        )
+        columns.append(
+            torch.cat(
+                [
+                    _target_probability(score_fn(chunk), chunk_targets)
+                    for chunk, chunk_targets in zip(
+                        perturbed.split(batch_size), targets.split(batch_size), strict=True
+                    )
+                ]
+            )
+        )
+    fractions = counts / counts[-1]
+    return fractions, torch.stack(columns, dim=1).double().cpu().numpy()
+
+
+def auc(fractions: np.ndarray, curves: np.ndarray) -> np.ndarray:
+    """Trapezoid-rule area under each curve (N, S) over ``fractions`` (S,)."""
+    return np.trapezoid(curves, fractions, axis=-1)
+
+
+# ----------------------------------------------------------------------------- counterfactual
+
+
+def counterfactual(
+    score_fn: ScoreFn,
+    images: Tensor,
+    targets: Tensor,
+    saliency: Tensor,
+    region_patches: int,
+    random_regions: int,
+    generator: torch.Generator,
+) -> dict[str, np.ndarray]:
+    """Blank the top ``region_patches`` of each map, and random regions as large.
+
+    Returns:
+        ``top_flipped`` (N,), ``top_probability`` (N,), ``random_flipped`` (N, R),
+        ``random_probability`` (N, R), ``base_probability`` (N,): the true class's probability
+        and whether the prediction left it.
+    """
+    grid = tuple(saliency.shape[-2:])
+    num_patches = grid[0] * grid[1]
+    baseline = mean_colour(images)
+
+    def blanked(ranking: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        mask = _selection(ranking, region_patches, grid, images.shape[-2:])
+        scores = score_fn(torch.where(mask, baseline, images)).float()
+        flipped = scores.argmax(dim=-1) != targets
+        return flipped.cpu().numpy(), _target_probability(scores, targets).double().cpu().numpy()
+
+    top_flipped, top_probability = blanked(patch_ranking(saliency))
+    random = [
+        blanked(
+            torch.rand(len(images), num_patches, generator=generator)
+            .argsort(dim=1)
+            .to(images.device)
+        )
+        for _ in range(random_regions)
+    ]
+    return {
+        "base_probability": _target_probability(score_fn(images), targets).double().cpu().numpy(),
+        "top_flipped": top_flipped,
+        "top_probability": top_probability,
+        "random_flipped": np.stack([flipped for flipped, _ in random], axis=1),
+        "random_probability": np.stack([probability for _, probability in random], axis=1),
+    }
+
+
+def counterfactual_report(results: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Flip rates and mean probability drops of the top-trait and the random regions (null
+    without images)."""
+    if len(results["top_flipped"]) == 0:
+        return {"n_images": 0, **dict.fromkeys(COUNTERFACTUAL_KEYS)}
+    base = results["base_probability"]
+    return {
+        "n_images": len(base),
+        "top_trait_flip_rate": float(results["top_flipped"].mean()),
+        "random_flip_rate": float(results["random_flipped"].mean()),
+        "top_trait_probability_drop": float((base - results["top_probability"]).mean()),
+        "random_probability_drop": float((base[:, None] - results["random_probability"]).mean()),
+    }
+
+
+# ----------------------------------------------------------------------------- maps
+
+
+def prompt_cam_saliency(maps: np.ndarray, kept: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Mean of each image's kept heads' maps (N, h, w); with no head kept, the map of the head
+    the greedy search blurred last.
+
+    Args:
+        maps: (N, H, h, w) target-class maps. kept: (N, H) bool. order: (N, H) elimination order.
+    """
+    counts = kept.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = (maps * kept[..., None, None]).sum(axis=1) / counts[:, None, None]
+    return np.where(counts[:, None, None] > 0, means, top_head_maps(maps, order))
+
+
+def top_head_maps(maps: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """The map (N, h, w) of the most important head: the greedy elimination's last."""
+    last = order[:, -1].clip(0)
+    return maps[np.arange(len(maps)), last]
+
+
+# ----------------------------------------------------------------------------- one rank
+
+
+def _read_trait_maps(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    with np.load(path) as data:
+        return {key: data[key] for key in ("image", "target", "maps", "kept", "order")}
+
+
+def _fit_probe(
+    model: Any,
+    shards_dir: str | os.PathLike,
+    rank: str,
+    meta: Any,
+    config: FidelityConfig,
+    device: torch.device,
+) -> Any:
+    """The linear probe of promptcam.linear_probe, refitted (deterministically) on train/val."""
+    from promptcam.cams import LinearProbe
+    from promptcam.linear_probe import LinearProbeConfig, backbone_features, fit_linear_probe
+    from promptcam.traits import evaluation_loader
+
+    probe_config = LinearProbeConfig.from_dict(config.linear_probe)
+    features = {
+        split: backbone_features(
+            model.backbone,
+            evaluation_loader(
+                shards_dir,
+                rank,
+                meta.preprocessing,
+                config.batch_size,
+                config.num_workers,
+                split=split,
+            ),
+            device,
+            probe_config.pool,
+        )
+        for split in ("train", "val")
+    }
+    # The first item is the selected pipeline; the rest describe the C grid.
+    pipeline = fit_linear_probe(features["train"], features["val"], probe_config)[0]
+    return LinearProbe.from_sklearn(model.backbone, pipeline, probe_config.pool).to(device).eval()
+
+
+def _method_aucs(
+    score_fn: ScoreFn,
+    images: Tensor,
+    labels: Tensor,
+    saliency: Tensor,
+    baselines: Mapping[str, Tensor],
+    config: FidelityConfig,
+) -> dict[str, np.ndarray]:
+    """``{mode: AUC per image}`` of one method's maps."""
+    result = {}
+    for mode, baseline in baselines.items():
+        fractions, curves = perturbation_curves(
+            score_fn, images, labels, saliency, baseline, mode, config.steps, config.batch_size
+        )
+        result[mode] = auc(fractions, curves)
+    return result
+
+
+def _fidelity_table(
+    aucs: Mapping[str, Mapping[str, list[np.ndarray]]], n_images: int
+) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            {
+                "method": method,
+                "model": "prompt_cam" if method == "prompt_cam" else "linear_probe",
+                "insertion": float(np.concatenate(modes["insertion"]).mean()),
+                "deletion": float(np.concatenate(modes["deletion"]).mean()),
+                "n_images": n_images,
+            }
+            for method, modes in aucs.items()
+        ]
+    )
+
+
+def run_rank_fidelity(
+    *,
+    checkpoint: str | os.PathLike,
+    shards_dir: str | os.PathLike,
+    rank: str,
+    trait_maps: str | os.PathLike,
+    out_tsv: str | os.PathLike,
+    out_counterfactual: str | os.PathLike,
+    config: FidelityConfig,
+    backbone_weights: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """Insertion/deletion AUC of Prompt-CAM and the probe's CAMs, and the counterfactual check,
+    on the first ``max_images`` test images (all by default); Prompt-CAM's maps come from the
+    traits rule's ``trait_maps.npz``.
+
+    ``fidelity.tsv``: ``method`` (prompt_cam, grad_cam, layer_cam, eigen_cam,
+    attention_rollout), ``model`` (prompt_cam or linear_probe: the model explained and
+    scored), ``insertion``, ``deletion`` (mean AUCs), ``n_images``. ``counterfactual.json``:
+    :func:`counterfactual_report` and the settings.
+    """
+    from promptcam.cams import compute_cams
+    from promptcam.model import load_checkpoint
+    from promptcam.traits import evaluation_loader, resolve_device
+
+    torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
+    model.to(device)
+    probe = _fit_probe(model, shards_dir, rank, meta, config, device)
+    stored = _read_trait_maps(trait_maps)
+    row_of = {image: row for row, image in enumerate(stored["image"])}
+    num_patches = stored["maps"].shape[-2] * stored["maps"].shape[-1]
+    region_patches = max(1, round(config.region_fraction * num_patches))
+    generator = torch.Generator().manual_seed(config.seed)
+
+    aucs: dict[str, dict[str, list[np.ndarray]]] = {}
+    flips: dict[str, list[np.ndarray]] = {}
+    seen = 0
+    loader = evaluation_loader(
+        shards_dir, rank, meta.preprocessing, config.batch_size, config.num_workers
+    )
+    for images, labels, batch_meta in loader:
+        take = (
+            len(labels) if config.max_images is None else min(len(labels), config.max_images - seen)
+        )
+        if take <= 0:
+            break
+        seen += take
+        images, labels = images[:take].to(device), labels[:take].to(device)
+        rows = np.array([row_of[sample_id] for sample_id in batch_meta["sample_id"][:take]])
+        maps, kept, order = stored["maps"][rows], stored["kept"][rows], stored["order"][rows]
+        saliency = {"prompt_cam": torch.from_numpy(prompt_cam_saliency(maps, kept, order))}
+        saliency.update(compute_cams(probe, images, labels))
+        baselines = {
+            "insertion": blurred_copy(
+                images, config.blur_sigma, config.blur_kernel, config.blur_reference_size
+            ),
+            "deletion": mean_colour(images),
+        }
+        with torch.inference_mode():
+            for method, method_maps in saliency.items():
+                score_fn = model if method == "prompt_cam" else probe
+                method_aucs = _method_aucs(
+                    score_fn, images, labels, method_maps.to(device), baselines, config
+                )
+                for mode, values in method_aucs.items():
+                    aucs.setdefault(method, {}).setdefault(mode, []).append(values)
+            searched = np.nonzero(order[:, 0] >= 0)[0]
+            if len(searched):
+                chosen = torch.from_numpy(searched).to(device)
+                top_maps = top_head_maps(maps[searched], order[searched])
+                result = counterfactual(
+                    model,
+                    images[chosen],
+                    labels[chosen],
+                    torch.from_numpy(top_maps).to(device),
+                    region_patches,
+                    config.random_regions,
+                    generator,
+                )
+                for key, values in result.items():
+                    flips.setdefault(key, []).append(values)
+    if not seen:
+        raise ValueError(f"no test images for rank {rank!r} in {shards_dir}")
+    table = _fidelity_table(aucs, seen)
+    LOGGER.info("%s: fidelity on %d test images\n%s", rank, seen, table.to_string(index=False))
+    with atomic_open(out_tsv, "w", newline="") as handle:
+        table.to_csv(handle, sep="\t", index=False)
+    report = counterfactual_report(
+        {key: np.concatenate(values) for key, values in flips.items()}
+        or {"top_flipped": np.zeros(0)}
+    )
+    report.update(
+        {
+            "rank": rank,
+            "region_patches": region_patches,
+            "region_fraction": region_patches / num_patches,
+            "random_regions": config.random_regions,
+            "seed": config.seed,
+            "region": "top patches of the most important head's map (the greedy's last head)",
+            "baseline": "mean colour",
+        }
+    )
+    LOGGER.info("%s: counterfactual %s", rank, report)
+    write_json(out_counterfactual, report)
+    return table

@@ -1,0 +1,330 @@
+"""Insertion/deletion AUC on a model with a known answer, the baseline CAMs, the counterfactual
+check, and the traits -> localization -> fidelity chain on tiny demo shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from promptcam.cams import CAM_METHODS, LinearProbe, compute_cams, record
+from promptcam.fidelity import (
+    FidelityConfig,
+    auc,
+    blurred_copy,
+    counterfactual,
+    mean_colour,
+    patch_counts,
+    patch_ranking,
+    perturbation_curves,
+    prompt_cam_saliency,
+    run_rank_fidelity,
+)
+from promptcam.model import (
+    BackboneSpec,
+    PromptCAM,
+    PromptCAMConfig,
+    build_backbone,
+    save_checkpoint,
+)
+
+torch.set_num_threads(1)
+
+GRID = (4, 4)
+SIZE = 16  # 4x4 patches of 4x4 pixels
+
+
+def region_mask() -> torch.Tensor:
+    """Pixels of patches 0, 1, 4, 5 (the top-left 2x2 patches)."""
+    mask = torch.zeros(1, 1, SIZE, SIZE, dtype=torch.bool)
+    mask[..., :8, :8] = True
+    return mask
+
+
+def visible_fraction_model(original: torch.Tensor):
+    """Scores whose class-0 probability is the fraction of the region still showing the
+    original pixels."""
+    region = region_mask().expand(-1, 3, -1, -1)
+
+    def score(images: torch.Tensor) -> torch.Tensor:
+        same = (images == original[: len(images)]) & region
+        visible = same.flatten(1).sum(1).double() / region.sum()
+        return torch.stack([visible.log(), (1 - visible).log()], dim=1)
+
+    return score
+
+
+def region_map(best_first: bool) -> torch.Tensor:
+    saliency = torch.arange(16, dtype=torch.float32).flip(0).view(1, *GRID) / 16
+    inside = region_mask()[0, 0, ::4, ::4]
+    return (
+        torch.where(inside, 2.0 + saliency, saliency)
+        if best_first
+        else torch.where(inside, -1.0, saliency)
+    )
+
+
+@pytest.mark.parametrize("steps", [16, 8, 4])
+def test_insertion_deletion_auc_on_a_known_case(steps: int) -> None:
+    image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    score = visible_fraction_model(image)
+    targets = torch.tensor([0])
+    expected = {  # region = 4 of 16 patches; perfect map first, then the reversed map
+        (True, "deletion"): 0.125,
+        (True, "insertion"): 0.875,
+        (False, "deletion"): 0.875,
+        (False, "insertion"): 0.125,
+    }
+    baselines = {"insertion": blurred_copy(image), "deletion": mean_colour(image)}
+    for (best_first, mode), value in expected.items():
+        fractions, curves = perturbation_curves(
+            score, image, targets, region_map(best_first), baselines[mode], mode, steps
+        )
+        assert fractions[0] == 0 and fractions[-1] == 1 and len(fractions) == steps + 1
+        start, end = (0.0, 1.0) if mode == "insertion" else (1.0, 0.0)
+        assert curves[0, 0] == pytest.approx(start) and curves[0, -1] == pytest.approx(end)
+        assert auc(fractions, curves)[0] == pytest.approx(value)
+
+
+def test_patch_counts_and_ranking() -> None:
+    assert patch_counts(16, 4).tolist() == [0, 4, 8, 12, 16]
+    assert patch_counts(10, 4).tolist() == [0, 2, 5, 8, 10]
+    assert patch_counts(3, 10).tolist() == [0, 1, 2, 3]  # capped at one patch per step
+    ties = torch.tensor([[[0.5, 0.9], [0.5, 0.9]]])
+    assert patch_ranking(ties).tolist() == [[1, 3, 0, 2]]
+
+
+def test_baselines() -> None:
+    image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mean = mean_colour(image)
+    torch.testing.assert_close(mean[:, :, 5, 7], image.mean(dim=(2, 3)))
+    blurred = blurred_copy(image)
+    assert blurred.shape == image.shape
+    assert blurred.std() < image.std()  # smoothed
+    torch.testing.assert_close(blurred.mean(), image.mean(), atol=0.02, rtol=0)
+
+
+def test_counterfactual_top_region_flips_more_than_random_regions() -> None:
+    image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    visible = visible_fraction_model(image)
+
+    def decides_by_region(images: torch.Tensor) -> torch.Tensor:
+        # Class 0 while more than half of the region shows.
+        probability = visible(images)[:, 0].exp()
+        return torch.stack([probability, torch.full_like(probability, 0.5)], dim=1)
+
+    result = counterfactual(
+        decides_by_region,
+        image,
+        torch.tensor([0]),
+        region_map(best_first=True),
+        region_patches=3,
+        random_regions=50,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert result["top_flipped"].tolist() == [True]
+    # A random 3-patch region covers 3 region patches with probability C(4,3)/C(16,3) ~ 0.7%.
+    assert result["random_flipped"].mean() < 0.2
+    assert result["random_flipped"].shape == (1, 50)
+
+
+def test_prompt_cam_saliency_means_kept_heads_or_uses_the_last_head() -> None:
+    maps = np.stack([np.full((3, 2, 2), 1.0), np.full((3, 2, 2), 1.0)])
+    maps[:, 1] = 3.0
+    maps[:, 2] = 7.0
+    kept = np.array([[True, True, False], [False, False, False]])
+    order = np.array([[2, 0, 1], [0, 2, 1]])
+    saliency = prompt_cam_saliency(maps, kept, order)
+    np.testing.assert_allclose(saliency[0], 2.0)
+    np.testing.assert_allclose(saliency[1], 3.0)  # no head kept: the last eliminated, head 1
+
+
+# ----------------------------------------------------------------------------- CAMs
+
+
+def tiny_backbone(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    vit = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, **kwargs)
+    return build_backbone("vit_custom", **vit).eval()
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_cams_have_the_patch_grid_shape_and_are_non_negative(pool: str) -> None:
+    backbone = tiny_backbone()
+    generator = torch.Generator().manual_seed(0)
+    probe = LinearProbe(backbone, torch.randn(3, 32, generator=generator), torch.zeros(3), pool)
+    images = torch.randn(2, 3, 32, 32, generator=generator)
+    cams = compute_cams(probe, images, torch.tensor([0, 2]))
+    assert set(cams) == set(CAM_METHODS)
+    for name, cam in cams.items():
+        assert cam.shape == (2, 4, 4), name
+        assert bool((cam >= 0).all()), name
+        assert bool(torch.isfinite(cam).all()), name
+    other = compute_cams(probe, images, torch.tensor([1, 1]), ("grad_cam", "eigen_cam"))
+    assert not torch.equal(other["grad_cam"], cams["grad_cam"])  # class-specific
+    torch.testing.assert_close(other["eigen_cam"], cams["eigen_cam"])  # class-agnostic
+    assert all(block.attn.fused_attn for block in backbone.blocks)  # restored
+
+
+def test_rollout_of_a_backbone_with_registers_sums_over_patches_only() -> None:
+    backbone = tiny_backbone(reg_tokens=2)
+    probe = LinearProbe(backbone, torch.randn(2, 32), torch.zeros(2), "cls")
+    images = torch.randn(1, 3, 32, 32)
+    recording = record(probe, images, with_grad=False)
+    assert len(recording.attentions) == 2
+    assert recording.attentions[0].shape == (1, 4, 19, 19)
+    rollout = compute_cams(probe, images, torch.tensor([0]), ("attention_rollout",))
+    total = rollout["attention_rollout"].sum()
+    assert 0 < total < 1  # the CLS row also gives mass to the prefix tokens
+
+
+def test_probe_from_sklearn_folds_the_standardisation() -> None:
+    backbone = tiny_backbone()
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.normal(size=(12, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        features = backbone.forward_features(images)[:, 0].numpy()
+    for num_classes in (2, 3):
+        labels = np.arange(12) % num_classes
+        pipeline = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(
+            features, labels
+        )
+        probe = LinearProbe.from_sklearn(backbone, pipeline, "cls")
+        with torch.no_grad():
+            probabilities = probe(images).softmax(dim=-1).numpy()
+        np.testing.assert_allclose(probabilities, pipeline.predict_proba(features), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- one rank, end to end
+
+
+@pytest.fixture(scope="module")
+def rank_outputs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny demo shards, a random Prompt-CAM for genus, and the traits rule's outputs."""
+    from promptcam.demo import DemoConfig, generate_demo_dataset
+    from promptcam.metadata import MetadataSpec, prepare_metadata, read_label_map
+    from promptcam.shards import ShardConfig, write_shards
+    from promptcam.splits import SplitConfig
+    from promptcam.traits import (
+        GreedyConfig,
+        TraitRunConfig,
+        run_rank_traits,
+        siblings_from_metadata,
+    )
+
+    levels = ("family", "genus", "species")
+    work = tmp_path_factory.mktemp("rank")
+    demo = DemoConfig(genera_per_family=2, species_per_genus=1, images_per_species=8, image_size=64)
+    table = generate_demo_dataset(work / "demo", demo)
+    data = work / "data"
+    prepare_metadata(
+        table, work / "demo", data, MetadataSpec(levels=levels), SplitConfig(0.5, 0.25, 0.25)
+    )
+    shards = write_shards(
+        data / "metadata.parquet",
+        data / "labels",
+        work / "demo",
+        work / "shards",
+        levels,
+        ShardConfig(short_side=64),
+    ).parent
+    labels = read_label_map(data / "labels" / "genus.tsv").sort_values("index")["name"].tolist()
+    torch.manual_seed(0)
+    vit = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+    model = PromptCAM(
+        BackboneSpec("vit_custom", kwargs=vit), PromptCAMConfig(num_classes=len(labels))
+    )
+    with torch.no_grad():
+        model.head.weight.normal_(std=3.0)
+    checkpoint = work / "model.pt"
+    save_checkpoint(checkpoint, model, label_names=labels)
+    out = work / "results"
+    outputs = {
+        "table": out / "traits.parquet",
+        "maps": out / "trait_maps.npz",
+        "summary": out / "trait_summary.tsv",
+        "summary_maps": out / "trait_summary.npz",
+        "cross_class": out / "cross_class.tsv",
+        "cross_class_maps": out / "cross_class.npz",
+    }
+    siblings = siblings_from_metadata(pd.read_parquet(data / "metadata.parquet"), levels, "genus")
+    config = TraitRunConfig(
+        greedy=GreedyConfig(top_traits=2),
+        cross_class_pairs=((labels[0], labels[-1]),),
+        batch_size=4,
+    )
+    run_rank_traits(
+        checkpoint=checkpoint,
+        shards_dir=shards,
+        rank="genus",
+        outputs=outputs,
+        config=config,
+        siblings=siblings,
+    )
+    return {"checkpoint": checkpoint, "shards": shards, "out": out, **outputs}
+
+
+def test_traits_rule_outputs(rank_outputs) -> None:
+    table = pd.read_parquet(rank_outputs["table"])
+    assert len(table) % 4 == 0 and len(table) > 0
+    searched = table[table["correct"]]
+    assert (searched.groupby("image")["kept"].sum() == 2).all()  # top-k, 2 of 4 heads
+    assert table.loc[~table["correct"], "kept"].all()
+    with np.load(rank_outputs["maps"]) as maps:
+        assert maps["maps"].shape == (len(table) // 4, 4, 4, 4)
+        assert maps["kept"].shape == (len(table) // 4, 4)
+    summary = pd.read_csv(rank_outputs["summary"], sep="\t")
+    assert {"class", "label", "head", "n_images", "keep_rate"} <= set(summary.columns)
+    cross = pd.read_csv(rank_outputs["cross_class"], sep="\t")
+    assert cross.loc[0, "relation"] == "configured"
+    assert (cross["relation"] == "sibling").sum() == 4  # two families of two genera
+    with np.load(rank_outputs["cross_class_maps"]) as cross_maps:
+        assert cross_maps["cross_maps"].shape == (len(cross), 4, 4, 4)
+
+
+def test_localization_on_the_demo_masks(rank_outputs) -> None:
+    from promptcam.localization import run_rank_localization
+
+    out = rank_outputs["out"] / "localization.json"
+    report = run_rank_localization(
+        trait_maps=rank_outputs["maps"],
+        checkpoint=rank_outputs["checkpoint"],
+        shards_dir=rank_outputs["shards"],
+        rank="genus",
+        levels=("family", "genus", "species"),
+        out_json=out,
+    )
+    assert json.loads(out.read_text()) == report
+    assert set(report["by_trait"]) == {"family", "genus", "species"}
+    for key in ("pointing_game", "energy_in_mask"):
+        assert key in report
+        assert report[key] is None or 0 <= report[key] <= 1
+
+
+def test_fidelity_and_counterfactual(rank_outputs) -> None:
+    out = rank_outputs["out"]
+    config = FidelityConfig(steps=4, max_images=3, random_regions=2, batch_size=8)
+    table = run_rank_fidelity(
+        checkpoint=rank_outputs["checkpoint"],
+        shards_dir=rank_outputs["shards"],
+        rank="genus",
+        trait_maps=rank_outputs["maps"],
+        out_tsv=out / "fidelity.tsv",
+        out_counterfactual=out / "counterfactual.json",
+        config=config,
+    )
+    written = pd.read_csv(out / "fidelity.tsv", sep="\t")
+    assert written["method"].tolist() == ["prompt_cam", *CAM_METHODS]
+    assert written[["insertion", "deletion"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert (written["n_images"] == 3).all()
+    pd.testing.assert_frame_equal(written, table, check_dtype=False)
+    report = json.loads((out / "counterfactual.json").read_text())
+    assert report["region_patches"] == 2  # 10% of 16 patches, rounded
+    assert report["n_images"] == 0 or 0 <= report["top_trait_flip_rate"] <= 1
