@@ -1,0 +1,267 @@
+"""Test-split evaluation of a trained Prompt-CAM, next to a linear probe on the same backbone.
+
+:func:`evaluate_rank` writes, per rank:
+
+- ``eval.json``: ``top1``, ``top5`` (top-k with k = min(5, C), k stored as ``top5_k``),
+  ``n_test``, ``per_class`` (``{name: {"n": ..., "top1": ...}}``, ``top1`` null for a class
+  without test images), ``linear_probe_top1`` and the probe's settings, ``interpretability_cost``
+  (linear probe top-1 minus Prompt-CAM top-1: what the shared-head constraint costs), chance
+  level and what the checkpoint was selected on;
+- ``confusion.tsv``: counts, one row per true class, one column per predicted class, named.
+
+The test split is read only here: training selects its model on the validation split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from promptcam.io import atomic_open, sha256_file, write_json
+from promptcam.linear_probe import LinearProbeConfig, run_linear_probe
+from promptcam.model import load_checkpoint
+from promptcam.reader import (
+    ShardDataset,
+    TransformConfig,
+    load_manifest,
+    make_loader,
+    split_size,
+)
+
+__all__ = [
+    "EvalConfig",
+    "autocast",
+    "batches",
+    "classification_report",
+    "collect_scores",
+    "confusion_matrix",
+    "evaluate_rank",
+    "mean_loss",
+    "per_class_accuracy",
+    "resolve_device",
+    "split_loader",
+    "topk_accuracy",
+    "useful_workers",
+    "write_confusion_tsv",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = 64
+    num_workers: int = 0
+    threads: int = 1
+    device: str = "auto"
+    top_k: int = 5
+    linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
+        values = dict(values)
+        probe = LinearProbeConfig.from_dict(values.pop("linear_probe", {}))
+        return cls(**values, linear_probe=probe)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU (the model's attention is fused SDPA); plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """(images, labels) of each batch on ``device``; the metadata stays behind."""
+    for images, labels, _ in loader:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+
+@torch.no_grad()
+def collect_scores(
+    model: nn.Module, loader: DataLoader, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Scores (N, C) in fp32 and labels (N,) of every sample, on the CPU, in loader order."""
+    model.eval()
+    all_scores, all_labels = [], []
+    for images, labels in batches(loader, device):
+        with autocast(device):
+            scores = model(images)
+        all_scores.append(scores.float().cpu())
+        all_labels.append(labels.cpu())
+    if not all_scores:
+        raise ValueError("the loader yielded no samples")
+    return torch.cat(all_scores), torch.cat(all_labels)
+
+
+def mean_loss(scores: Tensor, labels: Tensor) -> float:
+    return float(F.cross_entropy(scores, labels))
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
+    """Share of samples whose label is among the ``k`` highest scores (k capped at C)."""
+    k = min(k, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    return float((top == labels[:, None]).any(dim=1).float().mean())
+
+
+def confusion_matrix(predictions: Tensor, labels: Tensor, num_classes: int) -> np.ndarray:
+    """Counts (C, C): row = true class, column = predicted class."""
+    flat = labels.long() * num_classes + predictions.long()
+    counts = torch.bincount(flat, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).numpy()
+
+
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """Top-1 per true class (the confusion's diagonal over its rows); NaN without samples."""
+    totals = confusion.sum(axis=1)
+    correct = np.diag(confusion).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(totals > 0, correct / totals, np.nan)
+
+
+def write_confusion_tsv(
+    path: str | os.PathLike, confusion: np.ndarray, label_names: Sequence[str]
+) -> None:
+    frame = pd.DataFrame(confusion, index=list(label_names), columns=list(label_names))
+    frame.index.name = "true\\predicted"
+    with atomic_open(path, "w", newline="") as handle:
+        frame.to_csv(handle, sep="\t")
+
+
+def _json_float(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def classification_report(
+    scores: Tensor, labels: Tensor, label_names: Sequence[str], top_k: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Top-1, top-k, per-class accuracy and the confusion counts of ``scores``."""
+    num_classes = len(label_names)
+    if scores.shape[1] != num_classes:
+        raise ValueError(f"{scores.shape[1]} scores per sample for {num_classes} classes")
+    confusion = confusion_matrix(scores.argmax(dim=1), labels, num_classes)
+    per_class = per_class_accuracy(confusion)
+    report = {
+        "n_test": len(labels),
+        "top1": topk_accuracy(scores, labels, 1),
+        "top5": topk_accuracy(scores, labels, top_k),
+        "top5_k": min(top_k, num_classes),
+        "loss": mean_loss(scores, labels),
+        "chance_top1": 1.0 / num_classes,
+        "per_class": {
+            name: {"n": int(confusion[index].sum()), "top1": _json_float(per_class[index])}
+            for index, name in enumerate(label_names)
+        },
+    }
+    return report, confusion
+
+
+def useful_workers(dataset: ShardDataset, requested: int) -> int:
+    """``requested`` capped at the split's shard count: a worker without a shard (they are dealt
+    out whole) yields nothing, yet still costs a process start every epoch. Batches arrive in
+    the same order either way, since the DataLoader skips exhausted workers."""
+    return min(requested, len(dataset.shards))
+
+
+def split_loader(
+    shards_dir: str | os.PathLike,
+    split: str,
+    rank: str,
+    transform: TransformConfig,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> DataLoader:
+    """Deterministic, unshuffled, unaugmented loader of one split (evaluation and features)."""
+    dataset = ShardDataset(shards_dir, split, rank, train=False, transform=transform)
+    workers = useful_workers(dataset, num_workers)
+    return make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
+
+
+def evaluate_rank(
+    *,
+    shards_dir: str | os.PathLike,
+    rank: str,
+    checkpoint: str | os.PathLike,
+    out_json: str | os.PathLike,
+    out_confusion: str | os.PathLike,
+    config: EvalConfig,
+    backbone_weights: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on the test split and fit the linear-probe baseline; see module."""
+    torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
+    model.to(device)
+    label_names = list(meta.label_names)
+    preprocessing = meta.preprocessing
+    if preprocessing.interpolation != "bilinear":
+        # The shard reader always resizes bilinearly; say so rather than differ silently.
+        LOGGER.warning(
+            "%s asks for %s resizing; the shard reader resizes bilinearly",
+            checkpoint,
+            preprocessing.interpolation,
+        )
+    transform = TransformConfig(
+        img_size=preprocessing.img_size[0], mean=preprocessing.mean, std=preprocessing.std
+    )
+
+    def loader(split: str) -> DataLoader:
+        return split_loader(
+            shards_dir, split, rank, transform, config.batch_size, config.num_workers, device
+        )
+
+    scores, labels = collect_scores(model, loader("test"), device)
+    report, confusion = classification_report(scores, labels, label_names, config.top_k)
+    LOGGER.info("%s: Prompt-CAM test top-1 %.4f on %d images", rank, report["top1"], len(labels))
+
+    manifest = load_manifest(shards_dir)
+    probe = run_linear_probe(
+        model.backbone,
+        {split: loader(split) for split in ("train", "val", "test")},
+        num_classes=len(label_names),
+        config=config.linear_probe,
+        device=device,
+    )
+    LOGGER.info("%s: linear probe test top-1 %.4f", rank, probe["test_top1"])
+    report.update(
+        {
+            "rank": rank,
+            "linear_probe_top1": probe["test_top1"],
+            "linear_probe": probe,
+            "interpretability_cost": probe["test_top1"] - report["top1"],
+            "n_train": split_size(manifest, "train"),
+            "n_val": split_size(manifest, "val"),
+            "checkpoint": {
+                "path": str(checkpoint),
+                "sha256": sha256_file(checkpoint),
+                "selected_on": meta.extra.get("selected_on"),
+                "best_epoch": meta.extra.get("best_epoch"),
+                "best_val_top1": meta.extra.get("best_val_top1"),
+            },
+            "config": asdict(config),
+        }
+    )
+    write_confusion_tsv(out_confusion, confusion, label_names)
+    write_json(out_json, report)
+    return report

@@ -1,0 +1,54 @@
+"""Snakemake adapter for rule train: see promptcam.train.train_rank."""
+
+import contextlib
+import logging
+from pathlib import Path
+
+from promptcam.train import TrainConfig, train_rank
+
+
+def main() -> None:
+    params = snakemake.params
+    settings = dict(params.settings)
+    model_config = settings.pop("model")
+    transform = settings.pop("transform")
+    # The job's cores: loader worker processes, the rest for torch's own threads.
+    threads = max(1, snakemake.threads - settings["num_workers"])
+    # Where it runs and how often it reports are read from the config, not params, so that
+    # changing them does not retrain anything.
+    runtime = {
+        "threads": threads,
+        "device": snakemake.config["train"]["device"],
+        "progress_seconds": snakemake.config["train"]["progress_seconds"],
+    }
+    config = TrainConfig.from_dict({**settings, **runtime})
+    with (
+        open(snakemake.log[0], "a") as log,
+        # tqdm and warnings write to stderr: keep them in the job's log too.
+        contextlib.redirect_stderr(log),
+    ):
+        logging.basicConfig(
+            stream=log,
+            level=logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        try:
+            train_rank(
+                shards_dir=snakemake.input.shards,
+                rank=snakemake.wildcards.rank,
+                labels_tsv=snakemake.input.labels,
+                backbone=params.backbone,
+                model_config=model_config,
+                train_config=config,
+                out_dir=Path(snakemake.output.model).parent,
+                transform=transform,
+            )
+        except Exception:
+            # The log must say why, not only the terminal.
+            logging.exception("training failed")
+            raise
+
+
+# Spawned worker processes re-run this file: do the work only in the parent.
+if __name__ == "__main__":
+    main()

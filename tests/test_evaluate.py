@@ -1,0 +1,163 @@
+"""Evaluation metrics on hand-made cases, the linear probe, and evaluate_rank end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_train import SCALABLE, build_tiny_shards, sharpened_backbone, small_config
+
+from promptcam.evaluate import (
+    EvalConfig,
+    classification_report,
+    confusion_matrix,
+    evaluate_rank,
+    per_class_accuracy,
+    topk_accuracy,
+    write_confusion_tsv,
+)
+from promptcam.linear_probe import LinearProbeConfig, fit_linear_probe
+from promptcam.reader import load_manifest, split_size
+from promptcam.train import train_rank
+
+torch.set_num_threads(1)
+
+# Five samples, three classes. Rows of scores, true labels, and what follows:
+#   0: label 0, ranking 0 > 1 > 2   -> top-1 hit
+#   1: label 0, ranking 1 > 0 > 2   -> top-1 miss (predicted 1), top-2 hit
+#   2: label 1, ranking 2 > 0 > 1   -> top-1 miss (predicted 2), top-2 miss
+#   3: label 1, ranking 1 > 2 > 0   -> top-1 hit
+#   4: label 0, ranking 2 > 1 > 0   -> top-1 miss (predicted 2), top-2 miss
+SCORES = torch.tensor(
+    [
+        [3.0, 2.0, 1.0],
+        [2.0, 3.0, 1.0],
+        [2.0, 1.0, 3.0],
+        [1.0, 3.0, 2.0],
+        [1.0, 2.0, 3.0],
+    ]
+)
+LABELS = torch.tensor([0, 0, 1, 1, 0])
+NAMES = ["Alpha", "Beta", "Gamma"]
+
+
+def test_topk_accuracy_on_hand_made_case() -> None:
+    assert topk_accuracy(SCORES, LABELS, 1) == pytest.approx(2 / 5)
+    assert topk_accuracy(SCORES, LABELS, 2) == pytest.approx(3 / 5)
+    # k beyond the number of classes is capped: every label is among all classes.
+    assert topk_accuracy(SCORES, LABELS, 5) == 1.0
+
+
+def test_confusion_and_per_class_on_hand_made_case() -> None:
+    confusion = confusion_matrix(SCORES.argmax(dim=1), LABELS, 3)
+    expected = np.array(
+        [
+            [1, 1, 1],  # Alpha: right once, taken for Beta once, for Gamma once
+            [0, 1, 1],  # Beta: right once, taken for Gamma once
+            [0, 0, 0],  # Gamma: no test samples
+        ]
+    )
+    np.testing.assert_array_equal(confusion, expected)
+    accuracy = per_class_accuracy(confusion)
+    np.testing.assert_allclose(accuracy[:2], [1 / 3, 1 / 2])
+    assert np.isnan(accuracy[2])
+
+
+def test_report_and_confusion_tsv(tmp_path: Path) -> None:
+    report, confusion = classification_report(SCORES, LABELS, NAMES, top_k=5)
+    assert report["top1"] == pytest.approx(0.4)
+    assert (report["top5"], report["top5_k"]) == (1.0, 3)
+    assert report["n_test"] == 5
+    assert report["per_class"] == {
+        "Alpha": {"n": 3, "top1": pytest.approx(1 / 3)},
+        "Beta": {"n": 2, "top1": 0.5},
+        "Gamma": {"n": 0, "top1": None},
+    }
+    json.dumps(report)  # JSON-safe: no NaN, no numpy scalars
+
+    path = tmp_path / "confusion.tsv"
+    write_confusion_tsv(path, confusion, NAMES)
+    table = pd.read_csv(path, sep="\t", index_col=0)
+    assert list(table.index) == NAMES and list(table.columns) == NAMES
+    np.testing.assert_array_equal(table.to_numpy(), confusion)
+
+
+def gaussian_blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 3
+    centres = np.array([[4.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0]])
+    return centres[labels] + rng.normal(size=(n, 4)), labels
+
+
+def test_linear_probe_selects_on_val_with_ties_to_stronger_regularisation() -> None:
+    train, val, test = gaussian_blobs(60, 0), gaussian_blobs(30, 1), gaussian_blobs(30, 2)
+    config = LinearProbeConfig(c_grid=(100.0, 1.0, 0.01))
+    model, selected, grid = fit_linear_probe(train, val, config)
+    assert [row["C"] for row in grid] == [0.01, 1.0, 100.0]
+    best = max(row["val_top1"] for row in grid)
+    assert selected["val_top1"] == best
+    assert selected["C"] == min(row["C"] for row in grid if row["val_top1"] == best)
+    assert np.mean(model.predict(test[0]) == test[1]) > 0.9
+
+
+def test_linear_probe_needs_two_classes() -> None:
+    features = np.zeros((4, 2))
+    with pytest.raises(ValueError, match="two classes"):
+        fit_linear_probe((features, np.zeros(4)), (features, np.zeros(4)), LinearProbeConfig())
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("evaluate")
+    data = build_tiny_shards(root)
+    data.backbone = sharpened_backbone(root / "backbone.pt")
+    data.checkpoint = train_rank(
+        shards_dir=data.shards,
+        rank="genus",
+        labels_tsv=data.labels / "genus.tsv",
+        backbone=data.backbone,
+        model_config=SCALABLE,
+        train_config=small_config(epochs=4),
+        out_dir=root / "genus",
+    )
+    return data
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_evaluate_rank_writes_consistent_outputs(
+    trained: SimpleNamespace, tmp_path: Path, pool: str
+) -> None:
+    config = EvalConfig(batch_size=5, linear_probe=LinearProbeConfig(pool=pool, c_grid=(0.1, 1.0)))
+    out_json, out_confusion = tmp_path / "eval.json", tmp_path / "confusion.tsv"
+    report = evaluate_rank(
+        shards_dir=trained.shards,
+        rank="genus",
+        checkpoint=trained.checkpoint,
+        out_json=out_json,
+        out_confusion=out_confusion,
+        config=config,
+    )
+    assert json.loads(out_json.read_text()) == json.loads(json.dumps(report))
+    manifest = load_manifest(trained.shards)
+    assert report["n_test"] == split_size(manifest, "test")
+    confusion = pd.read_csv(out_confusion, sep="\t", index_col=0)
+    names = list(confusion.index)
+    assert names == list(report["per_class"]) and len(names) == 4
+    assert confusion.to_numpy().sum() == report["n_test"]
+    assert report["top1"] == pytest.approx(np.trace(confusion.to_numpy()) / report["n_test"])
+    assert report["top1"] <= report["top5"] == 1.0  # 4 classes: top-5 is capped at top-4
+    for name in names:
+        row = confusion.loc[name]
+        assert report["per_class"][name]["n"] == row.sum()
+        assert report["per_class"][name]["top1"] == pytest.approx(row[name] / row.sum())
+    assert 0.0 <= report["linear_probe_top1"] <= 1.0
+    assert report["linear_probe"]["pool"] == pool
+    assert report["interpretability_cost"] == pytest.approx(
+        report["linear_probe_top1"] - report["top1"]
+    )
+    assert report["checkpoint"]["selected_on"] == "val_top1"

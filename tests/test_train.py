@@ -1,0 +1,338 @@
+"""Per-rank training on tiny ViTs and tiny shards written by the real data pipeline.
+
+The images are made so that a frozen *random* tiny ViT can support Prompt-CAM: a coloured
+square (family: red or blue; genus: with or without a white bar) at a random place on a grey
+noisy background. A random timm ViT attends almost uniformly (its query/key weights are tiny),
+which leaves class prompts nothing to choose between, so the test backbone is a random ViT with
+its query and key weights scaled up (``sharpened_backbone``): attention then depends on content.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from timm.models.vision_transformer import VisionTransformer
+from timm.scheduler.cosine_lr import CosineLRScheduler
+
+import promptcam.train as train_module
+from promptcam.io import sha256_file
+from promptcam.metadata import MetadataSpec, prepare_metadata
+from promptcam.model import load_checkpoint
+from promptcam.reader import ShardDataset
+from promptcam.shards import ShardConfig, write_shards
+from promptcam.splits import SplitConfig
+from promptcam.train import METRICS_COLUMNS, TrainConfig, learning_rate, train_rank
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+FAMILY_COLOURS = {"Rubridae": (200, 40, 40), "Caeruleidae": (40, 40, 200)}
+SCALABLE = {"layout": "scalable", "num_agnostic_prompts": 2}
+
+
+def write_tiny_images(root: Path, per_genus: int, seed: int = 0) -> Path:
+    """Images and a metadata CSV: 2 families x 2 genera, ``per_genus`` images each."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for family, colour in FAMILY_COLOURS.items():
+        for genus_index in range(2):
+            genus = f"{family[:-4]}us{genus_index}"
+            for replicate in range(per_genus):
+                image = rng.integers(90, 150, size=(40, 40, 3))
+                y, x = rng.integers(0, 24, size=2)
+                image[y : y + 16, x : x + 16] = colour
+                if genus_index == 1:
+                    image[y + 6 : y + 10, x : x + 16] = 255
+                name = f"images/{genus}_{replicate:03d}.png"
+                Image.fromarray(image.astype(np.uint8)).save(root / name)
+                rows.append({"image": name, "family": family, "genus": genus})
+    table = root / "metadata.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "family", "genus"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return table
+
+
+def build_tiny_shards(root: Path, per_genus: int = 12) -> SimpleNamespace:
+    """Metadata, label maps and shards (several per split) through the real data pipeline."""
+    table = write_tiny_images(root, per_genus)
+    spec = MetadataSpec(levels=("family", "genus"))
+    metadata = prepare_metadata(
+        table, root, root / "data", spec, SplitConfig(train=0.5, val=0.25, test=0.25)
+    )
+    shards = root / "shards"
+    write_shards(
+        metadata,
+        root / "data" / "labels",
+        root,
+        shards,
+        spec.levels,
+        ShardConfig(short_side=40, max_samples_per_shard=6),
+    )
+    return SimpleNamespace(shards=shards, labels=root / "data" / "labels")
+
+
+def sharpened_backbone(path: Path, scale: float = 20.0, seed: int = 0) -> dict[str, Any]:
+    """A random tiny ViT with query/key weights scaled by ``scale``, saved as a weight file."""
+    torch.manual_seed(seed)
+    vit = VisionTransformer(num_classes=0, **TINY_VIT)
+    with torch.no_grad():
+        for block in vit.blocks:
+            block.attn.qkv.weight[: 2 * vit.embed_dim] *= scale
+    torch.save(vit.state_dict(), path)
+    return {"name": "vit_custom", "weights": str(path), "kwargs": dict(TINY_VIT)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp("tiny")
+    data = build_tiny_shards(root)
+    data.backbone = sharpened_backbone(root / "backbone.pt")
+    return data
+
+
+def small_config(**overrides: Any) -> TrainConfig:
+    settings = dict(
+        epochs=3, warmup_epochs=1, batch_size=8, lr=0.05, num_workers=0, progress_seconds=60
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def train(
+    tiny: SimpleNamespace,
+    out_dir: Path,
+    config: TrainConfig,
+    rank: str = "family",
+    model_config: dict[str, Any] | None = None,
+) -> Path:
+    return train_rank(
+        shards_dir=tiny.shards,
+        rank=rank,
+        labels_tsv=tiny.labels / f"{rank}.tsv",
+        backbone=tiny.backbone,
+        model_config=SCALABLE if model_config is None else model_config,
+        train_config=config,
+        out_dir=out_dir,
+    )
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, sep="\t")
+
+
+def test_schedule_matches_timm_cosine_at_epoch_boundaries() -> None:
+    config = TrainConfig()
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
+    reference = CosineLRScheduler(
+        optimizer,
+        t_initial=config.epochs,
+        warmup_t=config.warmup_epochs,
+        lr_min=config.min_lr,
+        warmup_lr_init=config.warmup_lr,
+    )
+    for epoch in range(config.epochs):
+        assert math.isclose(learning_rate(epoch, config), reference._get_lr(epoch)[0])
+    # Per iteration: strictly increasing through the warm-up, decreasing after it.
+    steps = np.linspace(0, config.epochs, 2001)[:-1]
+    rates = np.array([learning_rate(t, config) for t in steps])
+    warm = steps < config.warmup_epochs
+    assert np.all(np.diff(rates[warm]) > 0)
+    assert np.all(np.diff(rates[~warm]) < 0)
+    assert rates.max() <= config.lr
+
+
+def test_train_config_rejects_unknown_and_invalid_settings() -> None:
+    assert TrainConfig.from_dict({"epochs": 30}).epochs == 30
+    with pytest.raises(ValueError, match="unknown"):
+        TrainConfig.from_dict({"epoch": 5})
+    with pytest.raises(ValueError, match="warmup"):
+        TrainConfig(epochs=5, warmup_epochs=6)
+
+
+def test_training_learns_keeps_backbone_and_never_reads_test(
+    tiny: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    splits_read = []
+    original_init = ShardDataset.__init__
+
+    def recording_init(self: ShardDataset, shards_dir: Any, split: str, *args: Any, **kw: Any):
+        splits_read.append(split)
+        original_init(self, shards_dir, split, *args, **kw)
+
+    trained = {}
+    original_save = train_module.save_checkpoint
+
+    def capturing_save(path: Any, model: Any, **kwargs: Any) -> None:
+        trained["model"] = model
+        original_save(path, model, **kwargs)
+
+    monkeypatch.setattr(ShardDataset, "__init__", recording_init)
+    monkeypatch.setattr(train_module, "save_checkpoint", capturing_save)
+    config = small_config(epochs=25, warmup_epochs=2)
+    model_path = train(tiny, tmp_path, config)
+
+    assert set(splits_read) == {"train", "val"}
+    metrics = read_metrics(tmp_path / "metrics.tsv")
+    assert list(metrics.columns) == list(METRICS_COLUMNS)
+    assert metrics["epoch"].tolist() == list(range(1, 26))
+    first, last = metrics["train_loss"].iloc[:3].mean(), metrics["train_loss"].iloc[-3:].mean()
+    assert last < 0.7 * first
+    assert metrics["train_top1"].iloc[-3:].mean() > 0.8  # chance: 0.5
+
+    # The frozen backbone is exactly the weight file, after all those SGD steps.
+    weights = torch.load(tiny.backbone["weights"], weights_only=True)
+    backbone = trained["model"].backbone.state_dict()
+    assert_same_tensors({k: backbone[k] for k in weights}, weights)
+
+    # The saved model classifies its own (unaugmented) training images well above chance.
+    model, meta = load_checkpoint(model_path)
+    dataset = ShardDataset(
+        tiny.shards, "train", "family", transform=train_module.resolve_transform(32, None)
+    )
+    images, labels = zip(*[(image, label) for image, label, _ in dataset], strict=True)
+    with torch.no_grad():
+        predictions = model(torch.stack(images)).argmax(dim=1)
+    assert (predictions == torch.tensor(labels)).float().mean() > 0.8
+    assert meta.label_names == ("Caeruleidae", "Rubridae")
+
+
+def test_checkpoint_holds_only_trainable_tensors(tiny: SimpleNamespace, tmp_path: Path) -> None:
+    model_path = train(tiny, tmp_path, small_config(epochs=1))
+    payload = torch.load(model_path, map_location="cpu", weights_only=True)
+    assert set(payload["state_dict"]) == {
+        "agnostic_prompts",
+        "class_prompts",
+        "readout_token",
+        "head.weight",
+        "head.bias",
+    }
+    assert payload["backbone"]["weights_sha256"] == sha256_file(tiny.backbone["weights"])
+    assert payload["backbone"]["name"] == "vit_custom"
+    assert payload["label_names"] == ["Caeruleidae", "Rubridae"]
+    assert payload["extra"]["selected_on"] == "val_top1"
+    assert tuple(payload["preprocessing"]["mean"]) == (0.5, 0.5, 0.5)
+    # Far smaller than the backbone it points to.
+    assert model_path.stat().st_size < Path(tiny.backbone["weights"]).stat().st_size / 4
+    assert not (tmp_path / "last.pt").exists()
+
+
+class Killed(Exception):
+    """Stands for the job being killed right after a training state was saved."""
+
+
+def test_resume_after_kill_is_bit_identical(
+    tiny: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reference layout with prompt dropout and drop-path, two loader workers and several
+    # shards: every source of randomness of a real run is in play.
+    config = small_config(epochs=3, num_workers=2, shuffle_buffer=50)
+    reference = {"prompt_dropout": 0.1, "drop_path_rate": 0.1}
+    uninterrupted = train(tiny, tmp_path / "a", config, rank="genus", model_config=reference)
+
+    original_save = train_module.save_training_state
+
+    def save_then_die(path: Path, state: dict[str, Any]) -> None:
+        original_save(path, state)
+        raise Killed
+
+    monkeypatch.setattr(train_module, "save_training_state", save_then_die)
+    with pytest.raises(Killed):
+        train(tiny, tmp_path / "b", config, rank="genus", model_config=reference)
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert not (tmp_path / "b" / "model.pt").exists()
+
+    monkeypatch.setattr(train_module, "save_training_state", original_save)
+    resumed = train(tiny, tmp_path / "b", config, rank="genus", model_config=reference)
+
+    assert_same_tensors(checkpoint_tensors(resumed), checkpoint_tensors(uninterrupted))
+    a, b = (read_metrics(path.parent / "metrics.tsv") for path in (uninterrupted, resumed))
+    columns = [column for column in METRICS_COLUMNS if column != "seconds"]
+    pd.testing.assert_frame_equal(a[columns], b[columns])
+
+    # A different seed gives a different result: the equality above is not vacuous.
+    other = train(tiny, tmp_path / "c", small_config(epochs=3, num_workers=2, seed=1), "genus")
+    assert not torch.equal(
+        checkpoint_tensors(other)["head.weight"], checkpoint_tensors(resumed)["head.weight"]
+    )
+
+
+def test_state_of_other_settings_is_not_resumed(tiny: SimpleNamespace, tmp_path: Path) -> None:
+    fresh = train(tiny, tmp_path / "fresh", small_config(epochs=2))
+    out = tmp_path / "stale"
+    train(tiny, out, small_config(epochs=2, lr=0.5))
+    # Plant the other run's final state as if it had been interrupted.
+    model = load_checkpoint(out / "model.pt")[0]
+    state = {
+        "format": train_module.STATE_FORMAT,
+        "fingerprint": "written-by-other-settings",
+        "epoch": 1,
+        "tensors": train_module.trainable_state(model),
+        "optimizer": {},
+        "best": {},
+        "history": [],
+    }
+    train_module.save_training_state(out / "last.pt", state)
+    again = train(tiny, out, small_config(epochs=2))
+    assert_same_tensors(checkpoint_tensors(again), checkpoint_tensors(fresh))
+
+
+def test_model_is_selected_on_val_earlier_epoch_on_ties(
+    tiny: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scripted = iter([0.25, 0.75, 0.75, 0.5])
+    monkeypatch.setattr(train_module, "validate", lambda *args: (1.0, next(scripted)))
+    per_epoch = []
+    original_save = train_module.save_training_state
+
+    def recording_save(path: Path, state: dict[str, Any]) -> None:
+        per_epoch.append({k: v.clone() for k, v in state["tensors"].items()})
+        original_save(path, state)
+
+    monkeypatch.setattr(train_module, "save_training_state", recording_save)
+    model_path = train(tiny, tmp_path, small_config(epochs=4))
+
+    saved = checkpoint_tensors(model_path)
+    assert_same_tensors(saved, per_epoch[1])  # epoch 2: first of the two best
+    assert not torch.equal(saved["class_prompts"], per_epoch[-1]["class_prompts"])
+    extra = torch.load(model_path, weights_only=True)["extra"]
+    assert (extra["best_epoch"], extra["best_val_top1"]) == (2, 0.75)
+    assert read_metrics(tmp_path / "metrics.tsv")["val_top1"].tolist() == [0.25, 0.75, 0.75, 0.5]
+
+
+def test_demo_backbone_name_resolves_to_the_shipped_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    card = {"name": "vit_tiny_patch16_224", "weights": "/assets/demo_vit.pt"}
+    card["kwargs"] = {"img_size": 96, "depth": 6}
+    monkeypatch.setattr(train_module, "demo_backbone_spec", lambda: dict(card))
+    spec = train_module.backbone_spec({"name": "demo", "kwargs": {"drop_rate": 0.0}})
+    assert (spec.name, spec.weights) == (card["name"], card["weights"])
+    assert dict(spec.kwargs) == {"img_size": 96, "depth": 6, "drop_rate": 0.0}
+    with pytest.raises(ValueError, match="ships its own weights"):
+        train_module.backbone_spec({"name": "demo", "weights": str(tmp_path / "w.pt")})
+    with pytest.raises(ValueError, match="unknown backbone settings"):
+        train_module.backbone_spec({"name": "vit_custom", "weight": "w.pt"})
