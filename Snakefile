@@ -19,16 +19,28 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/traits.smk"
 
 
 # Later stages are included here, in pipeline order:
-# include: "workflow/rules/train.smk"
-# include: "workflow/rules/traits.smk"
 # include: "workflow/rules/figures.smk"
+
+# Rerun triggers: Snakemake's default (mtime, params, input, software-env, code), on purpose.
+# - params: each rank's merged train settings are its train job's params, so editing one
+#   rank's settings (train.ranks.genus) reruns that rank and its downstream jobs only; where
+#   a job runs (device, progress_seconds, threads) is read from the config, not params, and
+#   params mappings are key-sorted (canonical()), so reordering a config file reruns nothing.
+# - mtime/input: a new backbone file (e.g. promptcam/assets/demo_vit.pt) reruns every rank.
+# - code: only the thin adapters in scripts/ are tracked (by mtime), not the promptcam
+#   library. After changing the library, rerun what it affects with --forcerun RULE; to
+#   ignore an adapter edit, pass --rerun-triggers mtime params input software-env.
 
 
 rule all:
     default_target: True
-    # Later stages add their contract outputs below, e.g. train_outputs(), trait_outputs().
+    # Later stages add their contract outputs below.
     input:
         data_outputs(),
+        train_outputs(),
+        trait_outputs(),

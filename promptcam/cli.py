@@ -93,9 +93,14 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--work-dir", type=Path, default=Path("results/pretrain/work"), help="resumable state"
     )
-    for name in ("steps", "batch_size", "seed", "threads", "num_workers"):
+    for name in ("steps", "batch_size", "seed", "threads", "num_workers", "warmup_steps"):
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=int, default=getattr(defaults, name))
+    for name in ("lr", "attribute_weight"):
+        parser.add_argument(
+            "--" + name.replace("_", "-"), type=float, default=getattr(defaults, name)
+        )
+    parser.add_argument("--init-from", default=None, help="backbone weights to start from")
     parser.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     parser.add_argument("--probe-per-species", type=int, default=60, help="0 skips the probes")
 
@@ -109,6 +114,10 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         num_workers=args.num_workers,
+        warmup_steps=args.warmup_steps,
+        lr=args.lr,
+        attribute_weight=args.attribute_weight,
+        init_from=args.init_from,
     )
     card = run_pretraining(
         config,
@@ -131,6 +140,10 @@ def _argv_for_card(args: argparse.Namespace) -> list[str]:
         f"--seed {args.seed}",
         f"--threads {args.threads}",
         f"--num-workers {args.num_workers}",
+        f"--warmup-steps {args.warmup_steps}",
+        f"--lr {args.lr}",
+        f"--attribute-weight {args.attribute_weight}",
+        *([f"--init-from {args.init_from}"] if args.init_from else []),
     ]
 
 

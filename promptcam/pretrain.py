@@ -33,13 +33,34 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from promptcam.demo import PART_NAMES, random_spec, render_organism
+from promptcam.demo import (
+    DORSAL,
+    DORSAL_SHAPES,
+    MARK_PLACES,
+    MARK_SHAPES,
+    MARK_SIDES,
+    MARKING,
+    PART_NAMES,
+    TAIL,
+    TAIL_SHAPES,
+    OrganismSpec,
+    random_spec,
+    render_organism,
+)
 from promptcam.io import atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
 # Disjoint from the demo dataset's seeds, which are SeedSequence([seed, species, replicate]).
 _PRETRAIN_STREAM = 0x5EED_F00D
+# The generator's shape vocabulary, per trait; stage 2 predicts these per patch and per image.
+_TRAIT_VARIANTS = {
+    "tail": TAIL_SHAPES,
+    "dorsal": DORSAL_SHAPES,
+    "mark_place": MARK_PLACES,
+    "mark_shape": MARK_SHAPES,
+    "mark_side": MARK_SIDES,
+}
 BACKBONE_TIMM_NAME = "vit_tiny_patch16_224"  # architecture family; size set by `vit_kwargs`
 PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
@@ -63,6 +84,11 @@ class PretrainConfig:
     threads: int = 1
     checkpoint_every: int = 250
     pose_weight: float = 1.0
+    # Stage 2: also name each part's shape from the generator's vocabulary (forked tail,
+    # dome fin, ring marking at the rear, ...), per patch and per image, on organisms with
+    # random combinations of shapes: part attributes, never the demo's taxa.
+    attribute_weight: float = 0.0
+    init_from: str | None = None  # backbone weights (e.g. stage 1's export) to start from
 
     def vit_kwargs(self) -> dict[str, Any]:
         return {
@@ -97,11 +123,16 @@ class FreshOrganisms(IterableDataset):
             yield self.sample(index)
             index += n_workers
 
-    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng(
             np.random.SeedSequence([self.config.seed, _PRETRAIN_STREAM, index])
         )
-        rendering = render_organism(random_spec(rng), self.config.image_size, rng)
+        return self.view(random_spec(rng), rng)
+
+    def view(
+        self, spec: OrganismSpec, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        rendering = render_organism(spec, self.config.image_size, rng)
         image = torch.from_numpy(rendering.image).permute(2, 0, 1).contiguous()
         parts = torch.from_numpy(rendering.parts.astype(np.int64))
         pose = rendering.pose
@@ -118,7 +149,10 @@ class FreshOrganisms(IterableDataset):
             ],
             dtype=torch.float32,
         )
-        return image, parts, pose_target
+        attributes = torch.tensor(
+            [variants.index(getattr(spec, trait)) for trait, variants in _TRAIT_VARIANTS.items()]
+        )
+        return image, parts, pose_target, attributes
 
 
 def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -152,8 +186,11 @@ class PretextModel(nn.Module):
         cells = config.sub_grid * config.sub_grid
         self.dense_head = nn.Linear(config.embed_dim, cells * len(PART_NAMES))
         self.pose_head = nn.Linear(config.embed_dim, 6)
+        n_variants = sum(len(v) for v in _TRAIT_VARIANTS.values())
+        self.patch_attribute_head = nn.Linear(config.embed_dim, n_variants)
+        self.image_attribute_head = nn.Linear(config.embed_dim, n_variants)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = self.backbone.forward_features(images)
         prefix = self.backbone.num_prefix_tokens
         patches = tokens[:, prefix:]
@@ -161,24 +198,79 @@ class PretextModel(nn.Module):
         dense = self.dense_head(patches).view(
             patches.shape[0], patches.shape[1], cells, len(PART_NAMES)
         )
-        return dense, self.pose_head(tokens[:, 0])
+        return {
+            "dense": dense,
+            "pose": self.pose_head(tokens[:, 0]),
+            "patch_attributes": self.patch_attribute_head(patches),
+            # The same pooling as the linear probe's: the mean of the patch tokens.
+            "image_attributes": self.image_attribute_head(patches.mean(1)),
+        }
 
 
 def pretext_losses(
-    model: PretextModel, images: torch.Tensor, parts: torch.Tensor, pose: torch.Tensor
+    model: PretextModel,
+    images: torch.Tensor,
+    parts: torch.Tensor,
+    pose: torch.Tensor,
+    attributes: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    dense_logits, pose_pred = model(normalise(images))
+    out = model(normalise(images))
     target = part_shares(parts, model.config.patch_size, model.config.sub_grid)
-    dense_loss = -(target * F.log_softmax(dense_logits.float(), dim=-1)).sum(-1).mean()
-    pose_loss = F.mse_loss(pose_pred.float(), pose)
-    cell_accuracy = (dense_logits.argmax(-1) == target.argmax(-1)).float().mean()
+    dense_loss = -(target * F.log_softmax(out["dense"].float(), dim=-1)).sum(-1).mean()
+    pose_loss = F.mse_loss(out["pose"].float(), pose)
+    cell_accuracy = (out["dense"].argmax(-1) == target.argmax(-1)).float().mean()
     loss = dense_loss + model.config.pose_weight * pose_loss
+    attribute_loss = torch.zeros(())
+    if model.config.attribute_weight > 0:
+        attribute_loss = _attribute_loss(out, attributes, target.mean(2))
+        loss = loss + model.config.attribute_weight * attribute_loss
     return loss, {
         "loss": float(loss.detach()),
-        "dense_loss": float(dense_loss),
-        "pose_loss": float(pose_loss),
+        "dense_loss": float(dense_loss.detach()),
+        "pose_loss": float(pose_loss.detach()),
+        "attribute_loss": float(attribute_loss.detach()),
         "cell_accuracy": float(cell_accuracy),
     }
+
+
+# The body part that shows each trait, and the least share of a patch it must cover there.
+_TRAIT_PARTS = {
+    "tail": TAIL,
+    "dorsal": DORSAL,
+    "mark_place": MARKING,
+    "mark_shape": MARKING,
+    "mark_side": MARKING,
+}
+_MIN_PART_SHARE = 0.1
+
+
+def _attribute_loss(
+    out: dict[str, torch.Tensor], attributes: torch.Tensor, patch_shares: torch.Tensor
+) -> torch.Tensor:
+    """Cross-entropy of each trait's shape, per image and on the patches showing that part."""
+    losses = []
+    offset = 0
+    for column, (trait, variants) in enumerate(_TRAIT_VARIANTS.items()):
+        width = len(variants)
+        label = attributes[:, column]
+        image_logits = out["image_attributes"][:, offset : offset + width].float()
+        losses.append(F.cross_entropy(image_logits, label))
+        patch_logits = out["patch_attributes"][..., offset : offset + width].float()
+        shows_part = patch_shares[..., _TRAIT_PARTS[trait]] >= _MIN_PART_SHARE
+        patch_labels = torch.where(
+            shows_part, label[:, None], torch.full_like(shows_part, -100, dtype=torch.long)
+        )
+        if shows_part.any():
+            losses.append(
+                F.cross_entropy(
+                    patch_logits.flatten(0, 1), patch_labels.flatten(), ignore_index=-100
+                )
+            )
+        offset += width
+    return torch.stack(losses).mean()
+
+
+_METRIC_NAMES = ("loss", "dense_loss", "pose_loss", "attribute_loss", "cell_accuracy")
 
 
 def _lr_at(step: int, config: PretrainConfig) -> float:
@@ -208,6 +300,12 @@ def pretrain(config: PretrainConfig, work_dir: str | Path, device: str = "cpu") 
     state_path = work / "state.pt"
     metrics_path = work / "metrics.tsv"
     step, seconds = 0, 0.0
+    if config.init_from is not None and not state_path.exists():
+        initial = torch.load(config.init_from, map_location=device, weights_only=True)
+        model.backbone.load_state_dict({k: v.float() for k, v in initial.items()})
+        log.info(
+            "starting from backbone %s (sha256 %s)", config.init_from, sha256_file(config.init_from)
+        )
     if state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
         if state["config"] != asdict(config):
@@ -220,7 +318,7 @@ def pretrain(config: PretrainConfig, work_dir: str | Path, device: str = "cpu") 
         log.info("resuming from step %d", step)
     if step == 0:
         with atomic_path(metrics_path) as tmp:
-            tmp.write_text("step\tlr\tloss\tdense_loss\tpose_loss\tcell_accuracy\tseconds\n")
+            tmp.write_text("\t".join(["step", "lr", *_METRIC_NAMES, "seconds"]) + "\n")
 
     loader = DataLoader(
         FreshOrganisms(config, start_index=step * config.batch_size),
@@ -236,11 +334,11 @@ def pretrain(config: PretrainConfig, work_dir: str | Path, device: str = "cpu") 
     started = time.perf_counter() - seconds
     batches = iter(loader)
     while step < config.steps:
-        images, parts, pose = (t.to(device, non_blocking=True) for t in next(batches))
+        images, parts, pose, attributes = (t.to(device, non_blocking=True) for t in next(batches))
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            loss, metrics = pretext_losses(model, images, parts, pose)
+            loss, metrics = pretext_losses(model, images, parts, pose, attributes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -253,10 +351,9 @@ def pretrain(config: PretrainConfig, work_dir: str | Path, device: str = "cpu") 
             elapsed = time.perf_counter() - started
             progress.set_postfix(loss=f"{mean['loss']:.3f}", acc=f"{mean['cell_accuracy']:.3f}")
             with open(metrics_path, "a") as handle:
-                handle.write(
-                    f"{step}\t{_lr_at(step - 1, config):.6g}\t{mean['loss']:.5f}\t{mean['dense_loss']:.5f}\t"
-                    f"{mean['pose_loss']:.5f}\t{mean['cell_accuracy']:.5f}\t{elapsed:.1f}\n"
-                )
+                values = [f"{mean[name]:.5f}" for name in _METRIC_NAMES]
+                lr = f"{_lr_at(step - 1, config):.6g}"
+                handle.write("\t".join([str(step), lr, *values, f"{elapsed:.1f}"]) + "\n")
             with atomic_path(state_path) as tmp:
                 torch.save(
                     {
@@ -445,7 +542,9 @@ def run_pretraining(
         model = PretextModel(config)
         state = torch.load(Path(work_dir) / "state.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
-        report = probe_backbone(model.backbone, config.image_size, config.patch_size, per_species=probe_per_species)
+        report = probe_backbone(
+            model.backbone, config.image_size, config.patch_size, per_species=probe_per_species
+        )
         quality = report.as_dict()
         log.info("probe: %s", quality)
     return export_backbone(work_dir, out_path, command, quality)

@@ -16,6 +16,8 @@ def main() -> None:
             {
                 **snakemake.params.settings,
                 "threads": snakemake.threads,
+                # Read from the config, not params, so changing it reruns nothing.
+                "device": snakemake.config["traits"]["fidelity"]["device"],
                 "linear_probe": snakemake.params.linear_probe,
             }
         )

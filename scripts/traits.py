@@ -13,7 +13,9 @@ def main() -> None:
     )
     rank = snakemake.wildcards.rank
     try:
-        settings = {**snakemake.params.settings, "threads": snakemake.threads}
+        # Where it runs is read from the config, not params, so changing it reruns nothing.
+        device = snakemake.config["traits"]["device"]
+        settings = {**snakemake.params.settings, "threads": snakemake.threads, "device": device}
         config = TraitRunConfig.from_dict(settings, rank)
         siblings = (
             siblings_from_taxonomy(snakemake.input.taxonomy, rank) if config.siblings else None

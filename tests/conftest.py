@@ -1,9 +1,12 @@
-"""Shared pytest setup: session environment, repo_root, and a real local SLURM cluster."""
+"""Shared pytest setup: session environment, repo_root, a real local SLURM cluster, and
+run_command (a subprocess run that cleans up after a timeout)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,3 +63,36 @@ def slurm_cluster(repo_root: Path) -> SimpleNamespace:
     if proc.returncode != 0:
         pytest.fail(f"slurm/local/start.sh failed (exit {proc.returncode}):\n{log}")
     return SimpleNamespace(partition=SLURM_PARTITION, log=log)
+
+
+def run_in_own_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True), but on a timeout kill the command's
+    whole process group (Snakemake's job processes too, not only Snakemake), then raise
+    subprocess.TimeoutExpired with the output so far."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # Let Snakemake stop its jobs and write its log, then kill whatever is left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="session")
+def run_command():
+    """run_in_own_group: run a command, killing its whole process group on a timeout."""
+    return run_in_own_group

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path, PurePosixPath
 
+import promptcam
+
 
 def levels():
     """Taxonomic ranks, coarse to fine."""
@@ -69,16 +71,107 @@ def data_outputs():
     ]
 
 
+def canonical(value):
+    """``value`` with the keys of every mapping in it sorted, recursively.
+
+    Snakemake's params trigger compares repr()s, so without this the mere order of keys in a
+    config file would rerun jobs. Use it for every mapping given as params.
+    """
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, list):
+        return [canonical(item) for item in value]
+    return value
+
+
+def rule_settings(section, *runtime):
+    """A config section as params, less its ``runtime`` keys (threads, device...).
+
+    Runtime keys say where and how fast a job runs, not what it computes: the rule reads them
+    from the config (or its threads directive), so changing them reruns nothing.
+    """
+    return canonical({k: v for k, v in section.items() if k not in runtime})
+
+
+def rank_result(rank, name):
+    """A per-rank result file, results/{rank}/{name} (rank may be "{rank}")."""
+    return str(PurePosixPath("results", rank, name))
+
+
+def trained_model(rank):
+    """The trained Prompt-CAM of a rank: the train stage's contract for later stages."""
+    return rank_result(rank, "model.pt")
+
+
+def train_outputs():
+    """The train stage's contract (rule all needs it)."""
+    names = ("model.pt", "metrics.tsv", "eval.json", "confusion.tsv")
+    return [rank_result(rank, name) for rank in levels() for name in names]
+
+
+def trait_outputs():
+    """The traits stage's contract (rule all needs it); localisation only on the demo."""
+    names = [
+        "traits.parquet",
+        "trait_maps.npz",
+        "trait_summary.tsv",
+        "trait_summary.npz",
+        "cross_class.tsv",
+        "cross_class.npz",
+        "fidelity.tsv",
+        "counterfactual.json",
+    ]
+    if is_demo():
+        names.append("localization.json")
+    return [rank_result(rank, name) for rank in levels() for name in names]
+
+
+def merged(defaults, overrides):
+    """``defaults`` updated by ``overrides``, recursively for nested mappings."""
+    out = dict(defaults)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def train_settings(rank):
+    """Training, model and transform settings of one rank (defaults + its overrides)."""
+    unknown = set(config["train"]["ranks"]) - set(levels())
+    if unknown:
+        raise ValueError(f"config train.ranks names unknown ranks {sorted(unknown)}")
+    overrides = config["train"]["ranks"].get(rank, {})
+    return canonical(merged(config["train"]["defaults"], overrides))
+
+
+def probe_settings():
+    """The evaluation's linear-probe settings, so that fidelity explains the same probe."""
+    return canonical(config["evaluate"]["linear_probe"])
+
+
+def backbone_weights():
+    """The backbone's files as inputs (none for a randomly initialised backbone).
+
+    "demo" is the ViT shipped in the installed package (promptcam.pretrain.DEMO_BACKBONE) and
+    its card (timm name, architecture, sha256); the path is found without importing torch,
+    which would slow every workflow start.
+    """
+    if config["backbone"]["name"] == "demo":
+        weights = Path(promptcam.__file__).parent / "assets" / "demo_vit.pt"
+        return [str(weights), str(weights.with_suffix(".json"))]
+    weights = config["backbone"]["weights"]
+    return [] if weights is None else [weights]
+
+
 def gpu_request():
     return config["gpus_per_job"]
 
 
 def pretrain_settings():
     """PretrainConfig fields from the config (threads come from the rule)."""
-    settings = dict(config["pretrain"])
-    for key in ("device", "probe_per_species"):
-        settings.pop(key)
-    return settings
+    return rule_settings(config["pretrain"], "device", "probe_per_species")
 
 
 wildcard_constraints:

@@ -15,7 +15,7 @@ rule generate_demo:
         "../../envs/data.yaml"
     threads: config["demo"]["threads"]
     params:
-        demo={k: v for k, v in config["demo"].items() if k != "threads"},
+        demo=rule_settings(config["demo"], "threads"),
     script:
         "../../scripts/generate_demo.py"
 
@@ -45,7 +45,7 @@ rule prepare_metadata:
         image_column=config["dataset"]["image_column"],
         split_column=config["dataset"]["split_column"],
         mask_column=config["dataset"]["mask_column"],
-        splits=config["splits"],
+        splits=canonical(config["splits"]),
     script:
         "../../scripts/prepare_metadata.py"
 
@@ -67,6 +67,6 @@ rule write_shards:
     params:
         image_root=image_root,
         levels=levels(),
-        shards={k: v for k, v in config["shards"].items() if k != "threads"},
+        shards=rule_settings(config["shards"], "threads"),
     script:
         "../../scripts/write_shards.py"

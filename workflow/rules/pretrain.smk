@@ -9,10 +9,10 @@ rule pretrain_backbone:
         card="results/pretrain/demo_vit.json",
     log:
         "logs/pretrain_backbone.log",
-    conda:
-        "../../envs/train.yaml"
     benchmark:
         "results/benchmarks/pretrain_backbone.tsv"
+    conda:
+        "../../envs/train.yaml"
     threads: min(2, config["max_threads"])
     resources:
         gpu=gpu_request(),

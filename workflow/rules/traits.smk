@@ -3,32 +3,6 @@
 # trait masks, and faithfulness (insertion/deletion AUC against baseline CAMs, counterfactual).
 
 
-def trait_path(rank, name):
-    return f"results/{rank}/{name}"
-
-
-def probe_settings():
-    """The evaluation's linear-probe settings, so that fidelity explains the same probe."""
-    return config["evaluate"].get("linear_probe", {})
-
-
-def trait_outputs():
-    """The traits stage's contract, for rule all: localisation only on the demo (masks)."""
-    names = [
-        "traits.parquet",
-        "trait_maps.npz",
-        "trait_summary.tsv",
-        "trait_summary.npz",
-        "cross_class.tsv",
-        "cross_class.npz",
-        "fidelity.tsv",
-        "counterfactual.json",
-    ]
-    if is_demo():
-        names.append("localization.json")
-    return [trait_path(rank, name) for rank in levels() for name in names]
-
-
 rule traits:
     input:
         checkpoint=trained_model("{rank}"),
@@ -36,27 +10,25 @@ rule traits:
         shards=shards_dir(),
         taxonomy=taxonomy_tree(),
     output:
-        table=trait_path("{rank}", "traits.parquet"),
-        maps=trait_path("{rank}", "trait_maps.npz"),
-        summary=trait_path("{rank}", "trait_summary.tsv"),
-        summary_maps=trait_path("{rank}", "trait_summary.npz"),
-        cross_class=trait_path("{rank}", "cross_class.tsv"),
-        cross_class_maps=trait_path("{rank}", "cross_class.npz"),
+        table=rank_result("{rank}", "traits.parquet"),
+        maps=rank_result("{rank}", "trait_maps.npz"),
+        summary=rank_result("{rank}", "trait_summary.tsv"),
+        summary_maps=rank_result("{rank}", "trait_summary.npz"),
+        cross_class=rank_result("{rank}", "cross_class.tsv"),
+        cross_class_maps=rank_result("{rank}", "cross_class.npz"),
     log:
         log_path("traits", "traits_{rank}"),
     benchmark:
         benchmark_path("traits", "traits_{rank}")
     conda:
         "../../envs/traits.yaml"
-    threads: config["traits"]["threads"]
+    threads: min(config["traits"]["threads"], config["max_threads"])
     resources:
         gpu=gpu_request(),
     params:
-        settings={
-            k: v
-            for k, v in config["traits"].items()
-            if k not in ("localization", "fidelity")
-        },
+        settings=rule_settings(
+            config["traits"], "localization", "fidelity", "threads", "device"
+        ),
     script:
         "../../scripts/traits.py"
 
@@ -66,9 +38,9 @@ rule localization:
         checkpoint=trained_model("{rank}"),
         weights=backbone_weights(),
         shards=shards_dir(),
-        maps=trait_path("{rank}", "trait_maps.npz"),
+        maps=rank_result("{rank}", "trait_maps.npz"),
     output:
-        trait_path("{rank}", "localization.json"),
+        rank_result("{rank}", "localization.json"),
     log:
         log_path("traits", "localization_{rank}"),
     benchmark:
@@ -89,23 +61,21 @@ rule fidelity:
         checkpoint=trained_model("{rank}"),
         weights=backbone_weights(),
         shards=shards_dir(),
-        maps=trait_path("{rank}", "trait_maps.npz"),
+        maps=rank_result("{rank}", "trait_maps.npz"),
     output:
-        table=trait_path("{rank}", "fidelity.tsv"),
-        counterfactual=trait_path("{rank}", "counterfactual.json"),
+        table=rank_result("{rank}", "fidelity.tsv"),
+        counterfactual=rank_result("{rank}", "counterfactual.json"),
     log:
         log_path("traits", "fidelity_{rank}"),
     benchmark:
         benchmark_path("traits", "fidelity_{rank}")
     conda:
         "../../envs/traits.yaml"
-    threads: config["traits"]["fidelity"]["threads"]
+    threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
     resources:
         gpu=gpu_request(),
     params:
-        settings={
-            k: v for k, v in config["traits"]["fidelity"].items() if k != "threads"
-        },
+        settings=rule_settings(config["traits"]["fidelity"], "threads", "device"),
         linear_probe=probe_settings(),
     script:
         "../../scripts/fidelity.py"

@@ -1,0 +1,178 @@
+"""The conda environments in envs/ agree with pyproject.toml and hold what their rules import.
+
+Each rule's script runs in its `conda:` environment (with --software-deployment-method conda),
+so that environment needs every third-party package the script imports, directly or through
+the promptcam modules it imports. Snakemake itself need not be in them: the script preamble
+appends the calling Snakemake's sys.path to the job's.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+# Import name -> distribution name, where they differ.
+DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml"}
+# Packages needed at run time without being imported by name.
+IMPLIED = {
+    "pandas": {"pyarrow"},  # parquet tables (metadata.parquet, traits.parquet)
+    "ete3": {"six"},  # ete3 3.1.3 imports six without declaring it
+}
+NOT_PACKAGES = {"python", "pip"}
+RULE = re.compile(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", re.S | re.M)
+
+
+def conda_spec(text: str) -> tuple[str, SpecifierSet]:
+    """A conda match spec ("ete3=3.1.3", "numpy>=1.26") as name and pip-style specifier."""
+    match = re.fullmatch(r"([A-Za-z0-9_.\-]+)\s*(.*)", text.strip())
+    assert match, text
+    name, spec = match.groups()
+    if re.fullmatch(r"=[^=<>!].*", spec):  # conda's "=V" pins V (and V.*)
+        spec = "=" + spec
+    return str(canonicalize_name(name)), SpecifierSet(spec.replace(" ", ""))
+
+
+def env_packages(path: Path) -> dict[str, SpecifierSet]:
+    packages = {}
+    for entry in yaml.safe_load(path.read_text())["dependencies"]:
+        if isinstance(entry, dict):
+            for line in entry["pip"]:
+                requirement = Requirement(line)
+                packages[str(canonicalize_name(requirement.name))] = requirement.specifier
+        else:
+            name, spec = conda_spec(entry)
+            packages[name] = spec
+    return packages
+
+
+def pyproject(repo_root: Path) -> dict:
+    return tomllib.loads((repo_root / "pyproject.toml").read_text())["project"]
+
+
+def declared(repo_root: Path) -> dict[str, SpecifierSet]:
+    requirements = (Requirement(line) for line in pyproject(repo_root)["dependencies"])
+    return {str(canonicalize_name(r.name)): r.specifier for r in requirements}
+
+
+def env_files(repo_root: Path) -> list[Path]:
+    return sorted((repo_root / "envs").glob("*.yaml"))
+
+
+def pinned(spec: SpecifierSet) -> str | None:
+    pins = [s.version for s in spec if s.operator in ("==", "===")]
+    return pins[0] if pins else None
+
+
+def test_env_files_exist(repo_root):
+    assert {path.name for path in env_files(repo_root)} >= {
+        "data.yaml",
+        "train.yaml",
+        "traits.yaml",
+    }
+
+
+@pytest.mark.parametrize("name", ["data.yaml", "train.yaml", "traits.yaml"])
+def test_env_agrees_with_pyproject(repo_root, name):
+    env = env_packages(repo_root / "envs" / name)
+    project = declared(repo_root)
+    python = env.pop("python")
+    requires_python = SpecifierSet(pyproject(repo_root)["requires-python"])
+    assert Version(pinned(python).rstrip(".*")) in requires_python, (python, requires_python)
+    env.pop("pip", None)
+    for package, spec in env.items():
+        assert package in project, f"{name}: {package} is not a dependency in pyproject.toml"
+        theirs = project[package]
+        mine_pin, their_pin = pinned(spec), pinned(theirs)
+        if mine_pin and their_pin:
+            assert Version(mine_pin) == Version(their_pin), (name, package, spec, theirs)
+        elif mine_pin or their_pin:
+            # One pins, the other bounds: the pin must lie within the bounds.
+            pin, bounds = (mine_pin, theirs) if mine_pin else (their_pin, spec)
+            assert bounds.contains(pin, prereleases=True), (name, package, spec, theirs)
+        else:
+            assert spec == theirs, f"{name}: {package}{spec} but pyproject.toml has {theirs}"
+
+
+def module_file(repo_root: Path, module: str) -> Path | None:
+    base = repo_root.joinpath(*module.split("."))
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.exists():
+            return path
+    return None
+
+
+def third_party_imports(repo_root: Path, script: Path) -> set[str]:
+    """Top-level third-party modules a script imports, itself or through promptcam modules
+    (every import statement, including those inside functions)."""
+    found: set[str] = set()
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top == "promptcam":
+                    path = module_file(repo_root, name)
+                    if path is not None and path not in seen:
+                        seen.add(path)
+                        todo.append(path)
+                elif top not in sys.stdlib_module_names:
+                    found.add(top)
+    return found
+
+
+def rules_with_scripts(repo_root: Path) -> list[tuple[str, Path, Path | None]]:
+    """(rule, script, conda env file or None) of every rule that runs a script."""
+    rules = []
+    for smk in sorted((repo_root / "workflow" / "rules").glob("*.smk")):
+        for name, body in RULE.findall(smk.read_text()):
+            script = re.search(r'script:\s*\n\s*"([^"]+)"', body)
+            conda = re.search(r'conda:\s*\n\s*"([^"]+)"', body)
+            if script:
+                rules.append(
+                    (
+                        name,
+                        (smk.parent / script.group(1)).resolve(),
+                        (smk.parent / conda.group(1)).resolve() if conda else None,
+                    )
+                )
+    return rules
+
+
+def test_every_rule_env_holds_what_its_script_imports(repo_root):
+    rules = rules_with_scripts(repo_root)
+    assert {"train", "evaluate", "traits", "fidelity", "write_shards"} <= {r for r, _, _ in rules}
+    project = declared(repo_root)
+    missing = []
+    for rule, script, env_file in rules:
+        assert env_file is not None and env_file.exists(), f"rule {rule} has no conda env file"
+        needed = {DISTRIBUTION.get(m, m) for m in third_party_imports(repo_root, script)}
+        needed = {str(canonicalize_name(n)) for n in needed}
+        for package in list(needed):
+            needed |= IMPLIED.get(package, set())
+        undeclared = needed - set(project)
+        assert not undeclared, f"rule {rule} imports {undeclared}, not in pyproject.toml"
+        absent = needed - set(env_packages(env_file))
+        if absent:
+            missing.append(f"rule {rule} ({env_file.name}) lacks {sorted(absent)}")
+    assert not missing, "\n".join(missing)
+    # The deep-learning rules above pull in the heavy stack; make sure the scan saw it.
+    train_needs = third_party_imports(repo_root, repo_root / "scripts" / "train.py")
+    assert {"torch", "timm", "webdataset"} <= train_needs

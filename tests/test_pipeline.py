@@ -1,0 +1,231 @@
+"""End-to-end: the whole pipeline (rule all) on a tiny demo through Snakemake, then reruns.
+
+One real run (tests/configs/pipeline_tiny.yaml, about 2-3 minutes on 2 CPU cores) is shared
+by the tests below, which run in file order: the contract files, a dry run after editing one
+rank's settings, and a forced rerun of one rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from promptcam.io import sha256_file
+from promptcam.metadata import read_label_map
+from promptcam.model import load_checkpoint
+from promptcam.taxonomy import classes_at_rank, load_taxonomy
+
+RANKS = ("family", "genus", "species")
+N_CLASSES = {"family": 2, "genus": 4, "species": 8}
+N_IMAGES = 2 * 2 * 2 * 10  # pipeline_tiny: 2x2x2 species, 10 images each
+PER_RANK_JOBS = {"train", "evaluate", "traits", "localization", "fidelity"}
+TIMEOUT_S = 900
+
+
+def snakemake_cmd(
+    repo_root: Path, workdir: Path, configfile: Path, *extra: str, targets: tuple[str, ...] = ()
+) -> list[str]:
+    # Targets first: --configfile, --forcerun and the like take several values each.
+    return [sys.executable, "-m", "snakemake", *targets, "--cores", "2",
+            "--snakefile", str(repo_root / "Snakefile"), "--directory", str(workdir),
+            *extra, "--configfile", str(configfile)]  # fmt: skip
+
+
+def job_logs(workdir: Path) -> str:
+    parts = []
+    for log in sorted((workdir / "logs").rglob("*.log")):
+        parts.append(f"--- {log.relative_to(workdir)}\n{log.read_text(errors='replace')[-3000:]}")
+    return "\n".join(parts)
+
+
+def run(run_command, cmd: list[str], workdir: Path) -> subprocess.CompletedProcess:
+    """Run snakemake; on a timeout or a failure, fail with its output and the job logs."""
+    try:
+        proc = run_command(cmd, timeout=TIMEOUT_S, cwd=workdir)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stderr or ""
+        pytest.fail(f"snakemake ran past {TIMEOUT_S} s:\n{out[-6000:]}\n{job_logs(workdir)}")
+    if proc.returncode != 0:
+        pytest.fail(
+            f"snakemake failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}\n{job_logs(workdir)}"
+        )
+    return proc
+
+
+def planned_jobs(dry_run_output: str) -> set[tuple[str, str | None]]:
+    """(rule, rank) of every job a `snakemake -n` run lists (rank None without wildcards)."""
+    jobs = set()
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", "\n" + dry_run_output):
+        head = re.match(r"\s*(?:local)?rule (\w+):", block)
+        if head is None:
+            continue
+        rank = re.search(r"wildcards: rank=(\w+)", block)
+        jobs.add((head.group(1), rank.group(1) if rank else None))
+    return jobs
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {
+        str(path.relative_to(root)): path.stat().st_mtime_ns
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_run(repo_root, tmp_path_factory, run_command):
+    """The whole pipeline, run once on pipeline_tiny in a fresh working directory."""
+    workdir = tmp_path_factory.mktemp("pipeline")
+    configfile = repo_root / "tests" / "configs" / "pipeline_tiny.yaml"
+    run(run_command, snakemake_cmd(repo_root, workdir, configfile), workdir)
+    return workdir, configfile
+
+
+def is_share(value) -> bool:
+    return isinstance(value, (int, float)) and 0.0 <= value <= 1.0
+
+
+@pytest.mark.slow
+def test_pipeline_writes_every_contract_file(tiny_run):
+    workdir, _ = tiny_run
+    results = workdir / "results"
+
+    # Data stage.
+    data = results / "data"
+    table = pd.read_parquet(data / "metadata.parquet")
+    assert len(table) == N_IMAGES
+    assert {"sample_id", "image", "mask", *RANKS, "split"} <= set(table)
+    labels = {}
+    for rank in RANKS:
+        labels[rank] = read_label_map(data / "labels" / f"{rank}.tsv")
+        assert len(labels[rank]) == N_CLASSES[rank]
+        assert labels[rank]["index"].tolist() == list(range(N_CLASSES[rank]))
+        assert labels[rank]["count"].sum() == N_IMAGES
+    tree = load_taxonomy(data / "taxonomy.nwk")
+    for rank in RANKS:
+        assert sorted(classes_at_rank(tree, rank)) == sorted(labels[rank]["name"])
+    manifest = json.loads((results / "shards" / "manifest.json").read_text())
+    tars = sorted(path.name for path in (results / "shards").glob("*.tar"))
+    assert tars == sorted(entry["file"] for entry in manifest["shards"])
+    for entry in manifest["shards"]:
+        assert entry["sha256"] == sha256_file(results / "shards" / entry["file"])
+    n_test = int((table["split"] == "test").sum())
+    assert manifest["splits"]["test"]["n_samples"] == n_test > 0
+
+    localized = 0
+    for rank in RANKS:
+        out = results / rank
+        # Train: the checkpoint rebuilds a Prompt-CAM over this rank's classes.
+        model, meta = load_checkpoint(out / "model.pt")
+        assert list(meta.label_names) == labels[rank]["name"].tolist()
+        assert model.config.num_classes == N_CLASSES[rank]
+        assert model.config.layout == "scalable"
+        metrics = pd.read_csv(out / "metrics.tsv", sep="\t")
+        assert metrics["epoch"].tolist() == [1, 2]
+        assert {"train_loss", "val_top1"} <= set(metrics)
+        assert metrics["train_loss"].map(math.isfinite).all()
+
+        # Evaluate.
+        evaluation = json.loads((out / "eval.json").read_text())
+        for key in ("top1", "top5", "linear_probe_top1"):
+            assert is_share(evaluation[key]), (rank, key, evaluation[key])
+        assert evaluation["top5"] >= evaluation["top1"]
+        assert evaluation["n_test"] == n_test
+        confusion = pd.read_csv(out / "confusion.tsv", sep="\t")
+        assert len(confusion) == N_CLASSES[rank]
+
+        # Traits: one row per test image and head.
+        traits = pd.read_parquet(out / "traits.parquet")
+        assert len(traits) > 0
+        assert set(traits["image"].unique()) <= set(
+            table.loc[table["split"] == "test", "sample_id"]
+        )
+        assert {"target", "predicted", "correct", "head"} <= set(traits)
+        for name in ("trait_maps.npz", "trait_summary.tsv", "trait_summary.npz",
+                     "cross_class.tsv", "cross_class.npz", "counterfactual.json"):  # fmt: skip
+            assert (out / name).stat().st_size > 0, name
+
+        # Localisation against the demo's trait masks (None where no image was explained).
+        localization = json.loads((out / "localization.json").read_text())
+        for key in ("pointing_game", "energy_in_mask"):
+            value = localization[key]
+            assert is_share(value) or (value is None and localization["n_images"] == 0), (
+                rank,
+                key,
+                value,
+            )
+        localized += localization["n_images"] > 0
+
+        # Fidelity: Prompt-CAM against at least four baseline CAMs.
+        fidelity = pd.read_csv(out / "fidelity.tsv", sep="\t")
+        assert {"method", "insertion", "deletion"} <= set(fidelity)
+        assert fidelity["method"].nunique() >= 5
+        assert "prompt_cam" in set(fidelity["method"])
+        assert fidelity["insertion"].map(is_share).all()
+        assert fidelity["deletion"].map(is_share).all()
+
+        for stage, name in (("train", rank), ("evaluate", rank), ("traits", f"traits_{rank}")):
+            assert (workdir / "logs" / stage / f"{name}.log").exists()
+            assert (results / "benchmarks" / stage / f"{name}.tsv").exists()
+    assert localized >= 1, "no rank had a correctly classified test image to localise"
+
+
+@pytest.mark.slow
+def test_editing_one_ranks_settings_reruns_that_rank_only(tiny_run, repo_root, run_command):
+    workdir, configfile = tiny_run
+    config = yaml.safe_load(configfile.read_text())
+    # genus trains one epoch more: genus and everything downstream of its model rerun.
+    config["train"]["ranks"] = {"genus": {"epochs": 3}}
+    # Where and how jobs run is not a rerun trigger.
+    config["train"].update(device="auto", progress_seconds=11, threads=2)
+    config["traits"].update(device="auto", threads=2)
+    config["traits"]["fidelity"]["device"] = "auto"
+    edited = workdir / "genus_edited.yaml"
+    # safe_dump sorts every mapping's keys: the order of keys must not trigger reruns either.
+    edited.write_text(yaml.safe_dump(config, sort_keys=True))
+
+    proc = run(run_command, snakemake_cmd(repo_root, workdir, edited, "--dry-run"), workdir)
+    jobs = planned_jobs(proc.stdout)
+    assert jobs - {("all", None)} == {(rule, "genus") for rule in PER_RANK_JOBS}, proc.stdout
+    train_genus = next(b for b in proc.stdout.split("\n\n") if "rule train:" in b)
+    assert "Params have changed" in train_genus, train_genus
+
+    unchanged = run(
+        run_command, snakemake_cmd(repo_root, workdir, configfile, "--dry-run"), workdir
+    )
+    assert "Nothing to be done" in unchanged.stdout + unchanged.stderr
+
+
+@pytest.mark.slow
+def test_forcerun_retrains_one_rank_and_leaves_the_others(tiny_run, repo_root, run_command):
+    workdir, configfile = tiny_run
+    results = workdir / "results"
+    before = {rank: mtimes(results / rank) for rank in RANKS}
+
+    target = "results/genus/eval.json"
+    forcerun = ("--forcerun", "results/genus/model.pt")
+    run(
+        run_command,
+        snakemake_cmd(repo_root, workdir, configfile, *forcerun, targets=(target,)),
+        workdir,
+    )
+
+    after = {rank: mtimes(results / rank) for rank in RANKS}
+    assert after["family"] == before["family"]
+    assert after["species"] == before["species"]
+    for name in ("model.pt", "metrics.tsv", "eval.json", "confusion.tsv"):
+        assert after["genus"][name] > before["genus"][name], name
+    # Not targeted: genus's traits are now out of date, and only they.
+    assert after["genus"]["traits.parquet"] == before["genus"]["traits.parquet"]
+    proc = run(run_command, snakemake_cmd(repo_root, workdir, configfile, "--dry-run"), workdir)
+    jobs = planned_jobs(proc.stdout) - {("all", None)}
+    assert jobs == {(rule, "genus") for rule in ("traits", "localization", "fidelity")}, proc.stdout
