@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -548,3 +548,37 @@ def run_pretraining(
         quality = report.as_dict()
         log.info("probe: %s", quality)
     return export_backbone(work_dir, out_path, command, quality)
+
+
+def run_pretraining_stages(
+    config: PretrainConfig,
+    stages: list[dict[str, Any]],
+    work_dir: str | Path,
+    out_path: str | Path,
+    *,
+    command: str,
+    device: str = "auto",
+    probe_per_species: int = 60,
+) -> dict[str, Any]:
+    """Run ``stages`` in order, each starting from the previous stage's exported backbone.
+
+    Every stage's settings override ``config``; only the last stage is probed. Each stage
+    resumes on its own, so a killed chain restarts where it stopped.
+    """
+    work = Path(work_dir)
+    previous: str | None = None
+    card: dict[str, Any] = {}
+    for index, overrides in enumerate(stages, start=1):
+        stage = replace(config, **overrides, init_from=previous)
+        last = index == len(stages)
+        stage_out = Path(out_path) if last else work / f"stage{index}.pt"
+        card = run_pretraining(
+            stage,
+            work / f"stage{index}",
+            stage_out,
+            command=f"{command} (stage {index} of {len(stages)})",
+            device=device,
+            probe_per_species=probe_per_species if last else 0,
+        )
+        previous = str(stage_out)
+    return card

@@ -26,11 +26,36 @@ def schema(repo_root: Path) -> str:
     return str(repo_root / "workflow" / "schemas" / "config.schema.yaml")
 
 
+# Where config/config.yaml (the CPU demo) deliberately departs from the schema's defaults,
+# which are the settings for real data (the reference's training recipe, 256 px shards).
+DEMO_DEPARTURES = {
+    "shards": {"short_side": 96},
+    "train": {
+        "defaults": {
+            "epochs": 20,
+            "warmup_epochs": 2,
+            "batch_size": 32,
+            "lr": 0.05,
+            "model": {"layout": "scalable", "num_agnostic_prompts": 0, "drop_path_rate": 0.0},
+        }
+    },
+    "evaluate": {"linear_probe": {"pool": "mean"}},
+    "traits": {"fidelity": {"max_images": 48}},
+}
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) else value
+    return out
+
+
 def test_schema_defaults_are_the_shipped_config(repo_root):
     config: dict = {}
     validate(config, schema(repo_root))
     shipped = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
-    assert config == shipped
+    assert _merged(config, DEMO_DEPARTURES) == shipped
     for name in ("demo_small.yaml", "pipeline_tiny.yaml"):
         test_config = yaml.safe_load((repo_root / "tests" / "configs" / name).read_text())
         validate(test_config, schema(repo_root))

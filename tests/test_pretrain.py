@@ -19,8 +19,16 @@ from promptcam.pretrain import (
 )
 
 TINY = dict(
-    image_size=48, patch_size=12, embed_dim=32, depth=2, num_heads=4, batch_size=4,
-    warmup_steps=1, checkpoint_every=2, num_workers=0, threads=1,
+    image_size=48,
+    patch_size=12,
+    embed_dim=32,
+    depth=2,
+    num_heads=4,
+    batch_size=4,
+    warmup_steps=1,
+    checkpoint_every=2,
+    num_workers=0,
+    threads=1,
 )
 
 
@@ -85,8 +93,11 @@ def test_shipped_demo_backbone_matches_its_card_and_loads_through_timm():
     assert DEMO_BACKBONE.stat().st_size < 8 * 2**20
     spec = demo_backbone_spec()
     model = timm.create_model(
-        spec["name"], pretrained=True, pretrained_cfg_overlay=dict(file=spec["weights"]),
-        num_classes=0, **spec["kwargs"],
+        spec["name"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=spec["weights"]),
+        num_classes=0,
+        **spec["kwargs"],
     )
     stored = torch.load(DEMO_BACKBONE, weights_only=True)
     loaded = model.state_dict()
@@ -104,18 +115,34 @@ def test_pretrain_rule_runs_a_few_steps_through_snakemake(tmp_path, repo_root):
 
     config = tmp_path / "config.yaml"
     config.write_text(
-        "pretrain: {steps: 3, batch_size: 4, image_size: 48, patch_size: 12, embed_dim: 32,"
-        " depth: 2, num_heads: 4, num_workers: 0, probe_per_species: 3}\n"
+        "pretrain: {batch_size: 4, image_size: 48, patch_size: 12, embed_dim: 32,"
+        " depth: 2, num_heads: 4, num_workers: 0, probe_per_species: 3,"
+        " stages: [{steps: 2, attribute_weight: 0.0}, {steps: 3, attribute_weight: 1.0}]}\n"
     )
     result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "--snakefile", str(repo_root / "Snakefile"),
-         "--directory", str(tmp_path), "--configfile", str(config), "--cores", "2",
-         "pretrain_backbone"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(repo_root / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(config),
+            "--cores",
+            "2",
+            "pretrain_backbone",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     card = json.loads((tmp_path / "results/pretrain/demo_vit.json").read_text())
     assert card["steps"] == 3
+    assert "stage 2 of 2" in card["command"]
+    assert (tmp_path / "results/pretrain/work/stage1.pt").exists()
     assert card["sha256"] == sha256_file(tmp_path / "results/pretrain/demo_vit.pt")
     assert set(card["quality"]["linear_probe_top1"]) == {"family", "genus", "species"}
     spec = demo_backbone_spec(tmp_path / "results/pretrain/demo_vit.pt")

@@ -171,7 +171,11 @@ def gpu_request():
 
 def pretrain_settings():
     """PretrainConfig fields from the config (threads come from the rule)."""
-    return rule_settings(config["pretrain"], "device", "probe_per_species")
+    return rule_settings(config["pretrain"], "device", "probe_per_species", "stages")
+
+
+def pretrain_stages():
+    return [canonical(stage) for stage in config["pretrain"]["stages"]]
 
 
 wildcard_constraints:

@@ -18,6 +18,7 @@ rule pretrain_backbone:
         gpu=gpu_request(),
     params:
         settings=pretrain_settings(),
+        stages=pretrain_stages(),
         work_dir="results/pretrain/work",
         device=config["pretrain"]["device"],
         probe_per_species=config["pretrain"]["probe_per_species"],
