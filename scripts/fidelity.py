@@ -1,17 +1,11 @@
 """Snakemake adapter for rule fidelity: see promptcam.fidelity.run_rank_fidelity."""
 
-import logging
-
 from promptcam.fidelity import FidelityConfig, run_rank_fidelity
+from promptcam.joblog import job_log
 
 
 def main() -> None:
-    logging.basicConfig(
-        filename=snakemake.log[0],
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
+    with job_log(snakemake.log[0], "fidelity evaluation"):
         config = FidelityConfig.from_dict(
             {
                 **snakemake.params.settings,
@@ -30,10 +24,6 @@ def main() -> None:
             out_counterfactual=snakemake.output.counterfactual,
             config=config,
         )
-    except Exception:
-        # The log must say why, not only the terminal.
-        logging.exception("fidelity evaluation failed")
-        raise
 
 
 if __name__ == "__main__":

@@ -1,20 +1,15 @@
 """Snakemake adapter for rule prepare_metadata: see promptcam.metadata.prepare_metadata."""
 
-import logging
 from pathlib import Path
 
+from promptcam.joblog import job_log
 from promptcam.metadata import MetadataSpec, prepare_metadata
 from promptcam.splits import SplitConfig
 
 
 def main() -> None:
-    logging.basicConfig(
-        filename=snakemake.log[0],
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     params = snakemake.params
-    try:
+    with job_log(snakemake.log[0], "preparing the metadata"):
         prepare_metadata(
             snakemake.input.table,
             params.image_root,
@@ -28,10 +23,6 @@ def main() -> None:
             SplitConfig(**params.splits),
             workers=snakemake.threads,
         )
-    except Exception:
-        # The log must say why, not only the terminal.
-        logging.exception("preparing the metadata failed")
-        raise
 
 
 # Spawned worker processes re-run this file: do the work only in the parent.

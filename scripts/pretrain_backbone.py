@@ -1,16 +1,22 @@
 """Snakemake adapter: pre-train the demo backbone in stages and export its weights and card."""
 
-import logging
-
+from promptcam.joblog import job_log
 from promptcam.pretrain import PretrainConfig, run_pretraining_stages
 
-logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(asctime)s %(message)s")
-run_pretraining_stages(
-    PretrainConfig(**snakemake.params.settings, threads=snakemake.threads),
-    snakemake.params.stages,
-    snakemake.params.work_dir,
-    snakemake.output.weights,
-    command=snakemake.params.command,
-    device=snakemake.params.device,
-    probe_per_species=snakemake.params.probe_per_species,
-)
+
+def main() -> None:
+    with job_log(snakemake.log[0], "pre-training"):
+        run_pretraining_stages(
+            PretrainConfig(**snakemake.params.settings, threads=snakemake.threads),
+            snakemake.params.stages,
+            snakemake.params.work_dir,
+            snakemake.output.weights,
+            command=snakemake.params.command,
+            device=snakemake.params.device,
+            probe_per_species=snakemake.params.probe_per_species,
+        )
+
+
+# The generator's DataLoader workers may re-run this file: do the work only in the parent.
+if __name__ == "__main__":
+    main()

@@ -1,9 +1,8 @@
 """Snakemake adapter for rule train: see promptcam.train.train_rank."""
 
-import contextlib
-import logging
 from pathlib import Path
 
+from promptcam.joblog import job_log
 from promptcam.train import TrainConfig, train_rank
 
 
@@ -22,31 +21,17 @@ def main() -> None:
         "progress_seconds": snakemake.config["train"]["progress_seconds"],
     }
     config = TrainConfig.from_dict({**settings, **runtime})
-    with (
-        open(snakemake.log[0], "a") as log,
-        # tqdm and warnings write to stderr: keep them in the job's log too.
-        contextlib.redirect_stderr(log),
-    ):
-        logging.basicConfig(
-            stream=log,
-            level=logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    with job_log(snakemake.log[0], "training"):
+        train_rank(
+            shards_dir=snakemake.input.shards,
+            rank=snakemake.wildcards.rank,
+            labels_tsv=snakemake.input.labels,
+            backbone=params.backbone,
+            model_config=model_config,
+            train_config=config,
+            out_dir=Path(snakemake.output.model).parent,
+            transform=transform,
         )
-        try:
-            train_rank(
-                shards_dir=snakemake.input.shards,
-                rank=snakemake.wildcards.rank,
-                labels_tsv=snakemake.input.labels,
-                backbone=params.backbone,
-                model_config=model_config,
-                train_config=config,
-                out_dir=Path(snakemake.output.model).parent,
-                transform=transform,
-            )
-        except Exception:
-            # The log must say why, not only the terminal.
-            logging.exception("training failed")
-            raise
 
 
 # Spawned worker processes re-run this file: do the work only in the parent.

@@ -1,18 +1,12 @@
 """Snakemake adapter for rule traits: see promptcam.traits.run_rank_traits."""
 
-import logging
-
+from promptcam.joblog import job_log
 from promptcam.traits import TraitRunConfig, run_rank_traits, siblings_from_taxonomy
 
 
 def main() -> None:
-    logging.basicConfig(
-        filename=snakemake.log[0],
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     rank = snakemake.wildcards.rank
-    try:
+    with job_log(snakemake.log[0], "trait identification"):
         # Where it runs is read from the config, not params, so changing it reruns nothing.
         device = snakemake.config["traits"]["device"]
         settings = {**snakemake.params.settings, "threads": snakemake.threads, "device": device}
@@ -28,10 +22,6 @@ def main() -> None:
             config=config,
             siblings=siblings,
         )
-    except Exception:
-        # The log must say why, not only the terminal.
-        logging.exception("trait identification failed")
-        raise
 
 
 if __name__ == "__main__":
