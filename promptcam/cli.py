@@ -60,15 +60,20 @@ def _run_convert_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_checkpoint_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a saved checkpoint runs, and where its backbone's weights are now."""
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--backbone-weights", type=Path, default=None, help="override the stored weight path"
+    )
+
+
 def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("images", type=Path, help="an image or a folder of images")
     parser.add_argument("--out", type=Path, required=True, help="output .npz")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument(
-        "--backbone-weights", type=Path, default=None, help="override the stored weight path"
-    )
+    _add_checkpoint_runtime_arguments(parser)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -159,10 +164,7 @@ def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top-traits", type=int, default=4, help="heads kept by --stop top-k")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument(
-        "--backbone-weights", type=Path, default=None, help="override the stored weight path"
-    )
+    _add_checkpoint_runtime_arguments(parser)
 
 
 def _run_traits(args: argparse.Namespace) -> int:
