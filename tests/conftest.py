@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -90,6 +91,34 @@ def run_in_own_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.Com
         stdout, stderr = proc.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def run_snakemake(
+    workdir: Path, *args: str, configfile: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """The repo's workflow run for real in ``workdir`` (``--directory``), on 2 cores."""
+    # Targets first: --configfile takes several values and would swallow them.
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *args,
+        "--snakefile",
+        str(REPO_ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+    ]
+    if configfile is not None:
+        cmd += ["--configfile", str(configfile)]
+    return run_in_own_group(cmd, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def snakemake_run():
+    """run_snakemake: the workflow in a given directory, killed as a group on a timeout."""
+    return run_snakemake
 
 
 @pytest.fixture(scope="session")

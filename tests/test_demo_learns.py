@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -17,29 +15,13 @@ LEVELS = ("family", "genus", "species")
 
 
 @pytest.fixture(scope="module")
-def demo_results(tmp_path_factory, repo_root):
+def demo_results(tmp_path_factory, repo_root, snakemake_run):
     work = tmp_path_factory.mktemp("demo")
     shutil.copytree(repo_root / "config", work / "config")
     targets = [
         f"results/{rank}/{name}" for rank in LEVELS for name in ("eval.json", "localization.json")
     ]
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(repo_root / "Snakefile"),
-            "--directory",
-            str(work),
-            "--cores",
-            "2",
-            *targets,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=3000,
-    )
+    result = snakemake_run(work, *targets, timeout=3000)
     assert result.returncode == 0, result.stderr[-4000:]
     return {
         rank: {

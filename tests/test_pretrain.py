@@ -109,35 +109,14 @@ def test_shipped_demo_backbone_matches_its_card_and_loads_through_timm():
 
 
 @pytest.mark.slow
-def test_pretrain_rule_runs_a_few_steps_through_snakemake(tmp_path, repo_root):
-    import subprocess
-    import sys
-
+def test_pretrain_rule_runs_a_few_steps_through_snakemake(tmp_path, snakemake_run):
     config = tmp_path / "config.yaml"
     config.write_text(
         "pretrain: {batch_size: 4, image_size: 48, patch_size: 12, embed_dim: 32,"
         " depth: 2, num_heads: 4, num_workers: 0, probe_per_species: 3,"
         " stages: [{steps: 2, attribute_weight: 0.0}, {steps: 3, attribute_weight: 1.0}]}\n"
     )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "--snakefile",
-            str(repo_root / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(config),
-            "--cores",
-            "2",
-            "pretrain_backbone",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = snakemake_run(tmp_path, "pretrain_backbone", configfile=config)
     assert result.returncode == 0, result.stderr[-3000:]
     card = json.loads((tmp_path / "results/pretrain/demo_vit.json").read_text())
     assert card["steps"] == 3
