@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 
 from promptcam.io import atomic_open, sha256_file, write_json
 from promptcam.linear_probe import LinearProbeConfig, run_linear_probe
-from promptcam.model import load_checkpoint
+from promptcam.model import load_checkpoint, resolve_device
 from promptcam.reader import (
     ShardDataset,
     TransformConfig,
@@ -74,13 +74,6 @@ class EvalConfig:
         values = dict(values)
         probe = LinearProbeConfig.from_dict(values.pop("linear_probe", {}))
         return cls(**values, linear_probe=probe)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

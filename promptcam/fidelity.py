@@ -363,8 +363,8 @@ def run_rank_fidelity(
     :func:`counterfactual_report` and the settings.
     """
     from promptcam.cams import compute_cams
-    from promptcam.model import load_checkpoint
-    from promptcam.traits import evaluation_loader, resolve_device
+    from promptcam.model import load_checkpoint, resolve_device
+    from promptcam.traits import evaluation_loader
 
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)

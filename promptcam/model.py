@@ -137,6 +137,13 @@ class Preprocessing:
         )
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"auto"``: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def build_backbone(
     name: str,
     weights: str | os.PathLike | None = None,

@@ -48,6 +48,7 @@ from promptcam.demo import (
     render_organism,
 )
 from promptcam.io import atomic_path, sha256_file, write_json
+from promptcam.model import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -518,12 +519,6 @@ def probe_backbone(
     return ProbeReport(top1, part_accuracy, int(is_train.sum()), int((~is_train).sum()))
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def run_pretraining(
     config: PretrainConfig,
     work_dir: str | Path,
@@ -534,7 +529,7 @@ def run_pretraining(
     probe_per_species: int = 60,
 ) -> dict[str, Any]:
     """Pre-train (resuming if ``work_dir`` holds a state), probe the result, export weights+card."""
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     result = pretrain(config, work_dir, device=device)
     log.info("pre-training finished: %d steps in %.0f s", result.steps, result.seconds)
     quality = None

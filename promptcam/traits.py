@@ -60,7 +60,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from promptcam.io import atomic_open, atomic_path
-from promptcam.model import Preprocessing, PromptCAM
+from promptcam.model import Preprocessing, PromptCAM, resolve_device
 
 __all__ = [
     "STOP_RULES",
@@ -865,13 +865,6 @@ class TraitRunConfig:
             cross_class_pairs=tuple((str(a), str(b)) for a, b in pairs),
             siblings=bool(values.get("siblings", True)),
         )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: the GPU when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def evaluation_loader(
