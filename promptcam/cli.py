@@ -101,10 +101,15 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("steps", "batch_size", "seed", "threads", "num_workers", "warmup_steps"):
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=int, default=getattr(defaults, name))
-    for name in ("lr", "attribute_weight"):
+    for name in ("lr", "attribute_weight", "canonical_weight"):
         parser.add_argument(
             "--" + name.replace("_", "-"), type=float, default=getattr(defaults, name)
         )
+    parser.add_argument(
+        "--canonical-focus",
+        action="store_true",
+        help="weight the pose-free part map's cells by how much organisms differ there",
+    )
     parser.add_argument("--init-from", default=None, help="backbone weights to start from")
     parser.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     parser.add_argument("--probe-per-species", type=int, default=60, help="0 skips the probes")
@@ -122,6 +127,8 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps,
         lr=args.lr,
         attribute_weight=args.attribute_weight,
+        canonical_weight=args.canonical_weight,
+        canonical_focus=args.canonical_focus,
         init_from=args.init_from,
     )
     card = run_pretraining(
@@ -148,6 +155,8 @@ def _argv_for_card(args: argparse.Namespace) -> list[str]:
         f"--warmup-steps {args.warmup_steps}",
         f"--lr {args.lr}",
         f"--attribute-weight {args.attribute_weight}",
+        f"--canonical-weight {args.canonical_weight}",
+        *(["--canonical-focus"] if args.canonical_focus else []),
         *([f"--init-from {args.init_from}"] if args.init_from else []),
     ]
 

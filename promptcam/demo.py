@@ -128,6 +128,7 @@ class Rendering:
     parts: np.ndarray  # (S, S) uint8, indices into PART_NAMES
     trait_mask: np.ndarray  # (S, S) uint8, bit i set inside the trait of DEMO_LEVELS[i]
     pose: Pose
+    canonical_parts: np.ndarray | None = None  # (rows, cols, parts) shares, pose-free frame
 
 
 def build_taxonomy(config: DemoConfig) -> list[Taxon]:
@@ -353,8 +354,78 @@ def _random_pose(size: int, rng: np.random.Generator) -> Pose:
     return Pose(float(cx), float(cy), length, angle, flipped)
 
 
-def render_organism(spec: OrganismSpec, size: int, rng: np.random.Generator) -> Rendering:
-    """Draw one organism on a cluttered background, with its part map and trait masks."""
+_Layers = list[tuple[int, list[np.ndarray], tuple[int, int, int]]]
+
+
+def _organism_layers(
+    spec: OrganismSpec,
+    depth: float,
+    mark_size: float,
+    body_colour: np.ndarray,
+    fin_colour: tuple[int, int, int],
+    mark_colour: tuple[int, int, int],
+) -> _Layers:
+    """The organism's polygons in its own frame, in painter's order, with part and colour."""
+    body = _ellipse(0.0, 0.0, _BODY_HALF_LENGTH, depth, n=64)
+    head_x = 0.3
+    front = body[body[:, 0] >= head_x]
+    head_outline = np.vstack(
+        [
+            [[head_x, float(_body_half_height(head_x, depth))]],
+            front[np.argsort(-np.arctan2(front[:, 1], front[:, 0]))],
+            [[head_x, -float(_body_half_height(head_x, depth))]],
+        ]
+    )
+    pelvic = np.array([[0.05, -depth + 0.02], [-0.08, -depth - 0.12], [-0.12, -depth + 0.02]])
+    marks, holes = _mark_polygons(spec, depth, mark_size)
+    body_rgb = tuple(int(c) for c in body_colour)
+    return [
+        (TAIL, _tail_polygons(spec.tail), fin_colour),
+        (DORSAL, _dorsal_polygons(spec.dorsal, depth), fin_colour),
+        (PELVIC, [pelvic], fin_colour),
+        (BODY, [body], body_rgb),
+        (HEAD, [head_outline], tuple(int(c) for c in np.clip(body_colour * 0.85, 0, 255))),
+        (MARKING, marks, mark_colour),
+        (BODY, holes, body_rgb),
+    ]
+
+
+def canonical_part_shares(
+    layers: _Layers, grid: tuple[int, int], supersample: int = 4
+) -> np.ndarray:
+    """Area share of each body part in each cell of a grid over the organism's own frame.
+
+    The frame is pose-free (head towards +x, dorsal side up, body length 1), so this map
+    is the organism's part geometry with position, rotation, flip and size taken out.
+    Returns (rows, cols, len(PART_NAMES)) float32 shares summing to 1 per cell.
+    """
+    rows, cols = grid
+    width, height = cols * supersample, rows * supersample
+    x0, x1 = _EXTENT_X
+    y0, y1 = _EXTENT_Y
+    canvas = Image.new("L", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    for part, polygons, _ in layers:
+        for polygon in polygons:
+            px = (polygon[:, 0] - x0) / (x1 - x0) * width
+            py = (y1 - polygon[:, 1]) / (y1 - y0) * height
+            draw.polygon(list(zip(px.tolist(), py.tolist(), strict=True)), fill=part)
+    labels = np.asarray(canvas, dtype=np.int64)
+    one_hot = np.eye(len(PART_NAMES), dtype=np.float32)[labels]
+    return one_hot.reshape(rows, supersample, cols, supersample, -1).mean(axis=(1, 3))
+
+
+def render_organism(
+    spec: OrganismSpec,
+    size: int,
+    rng: np.random.Generator,
+    canonical_grid: tuple[int, int] | None = None,
+) -> Rendering:
+    """Draw one organism on a cluttered background, with its part map and trait masks.
+
+    With ``canonical_grid`` (rows, cols), also the pose-free part map
+    (:func:`canonical_part_shares`); it draws no random numbers, so the image is unchanged.
+    """
     background = _draw_background(size * _SUPERSAMPLE, rng)
     pose = _random_pose(size, rng)
     depth = float(rng.uniform(0.17, 0.21))
@@ -363,38 +434,13 @@ def render_organism(spec: OrganismSpec, size: int, rng: np.random.Generator) -> 
     fin_colour = _random_colour(rng) if rng.random() < 0.5 else tuple(int(c) for c in body_colour)
     mark_colour = _random_colour(rng, avoid=body_colour)
 
-    body = _ellipse(0.0, 0.0, _BODY_HALF_LENGTH, depth, n=64)
     head_x = 0.3
-    head_outline = np.vstack(
-        [
-            [[head_x, float(_body_half_height(head_x, depth))]],
-            body[(body[:, 0] >= head_x)][
-                np.argsort(
-                    -np.arctan2(body[body[:, 0] >= head_x][:, 1], body[body[:, 0] >= head_x][:, 0])
-                )
-            ],
-            [[head_x, -float(_body_half_height(head_x, depth))]],
-        ]
-    )
     eye = _ellipse(0.38, 0.05, 0.03, 0.03, n=16)
     gill = np.array(
         [[head_x - 0.01, -0.6 * depth], [head_x + 0.02, 0.0], [head_x - 0.01, 0.6 * depth]]
     )
-    pelvic = np.array([[0.05, -depth + 0.02], [-0.08, -depth - 0.12], [-0.12, -depth + 0.02]])
-    tails = _tail_polygons(spec.tail)
-    dorsals = _dorsal_polygons(spec.dorsal, depth)
-    marks, holes = _mark_polygons(spec, depth, mark_size)
-
     # Painter's order; the same order fills the part map and the image.
-    layers: list[tuple[int, list[np.ndarray], tuple[int, int, int]]] = [
-        (TAIL, tails, fin_colour),
-        (DORSAL, dorsals, fin_colour),
-        (PELVIC, [pelvic], fin_colour),
-        (BODY, [body], tuple(int(c) for c in body_colour)),
-        (HEAD, [head_outline], tuple(int(c) for c in np.clip(body_colour * 0.85, 0, 255))),
-        (MARKING, marks, mark_colour),
-        (BODY, holes, tuple(int(c) for c in body_colour)),
-    ]
+    layers = _organism_layers(spec, depth, mark_size, body_colour, fin_colour, mark_colour)
     draw = ImageDraw.Draw(background)
     parts = Image.new("L", (size, size), BACKGROUND)
     parts_draw = ImageDraw.Draw(parts)
@@ -419,7 +465,14 @@ def render_organism(spec: OrganismSpec, size: int, rng: np.random.Generator) -> 
     trait_mask = np.zeros_like(part_map)
     for bit, part in enumerate((TAIL, DORSAL, MARKING)):
         trait_mask |= (part_map == part).astype(np.uint8) << bit
-    return Rendering(image=image_array, parts=part_map, trait_mask=trait_mask, pose=pose)
+    canonical = None if canonical_grid is None else canonical_part_shares(layers, canonical_grid)
+    return Rendering(
+        image=image_array,
+        parts=part_map,
+        trait_mask=trait_mask,
+        pose=pose,
+        canonical_parts=canonical,
+    )
 
 
 # ----------------------------------------------------------------------------- dataset

@@ -85,6 +85,15 @@ class PretrainConfig:
     threads: int = 1
     checkpoint_every: int = 250
     pose_weight: float = 1.0
+    # Pose-free part map, predicted from the mean of the patch tokens (the linear probe's
+    # pooling): the organism's part geometry in its own frame, on a rows x cols grid.
+    canonical_weight: float = 0.0
+    canonical_rows: int = 30
+    canonical_cols: int = 40
+    # Weight each canonical cell by the entropy of its mean part shares over a fixed sample of
+    # the stream: the loss is then spent where organisms differ (fin, tail and marking
+    # outlines), not on the margin that is background in every organism.
+    canonical_focus: bool = False
     # Stage 2: also name each part's shape from the generator's vocabulary (forked tail,
     # dome fin, ring marking at the rear, ...), per patch and per image, on organisms with
     # random combinations of shapes: part attributes, never the demo's taxa.
@@ -116,7 +125,7 @@ class FreshOrganisms(IterableDataset):
         self.config = config
         self.start_index = start_index
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         index = self.start_index + worker
@@ -124,16 +133,16 @@ class FreshOrganisms(IterableDataset):
             yield self.sample(index)
             index += n_workers
 
-    def sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(self, index: int) -> tuple[torch.Tensor, ...]:
         rng = np.random.default_rng(
             np.random.SeedSequence([self.config.seed, _PRETRAIN_STREAM, index])
         )
         return self.view(random_spec(rng), rng)
 
-    def view(
-        self, spec: OrganismSpec, rng: np.random.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        rendering = render_organism(spec, self.config.image_size, rng)
+    def view(self, spec: OrganismSpec, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
+        """image, part map, pose target, attribute indices, canonical part shares."""
+        grid = (self.config.canonical_rows, self.config.canonical_cols)
+        rendering = render_organism(spec, self.config.image_size, rng, canonical_grid=grid)
         image = torch.from_numpy(rendering.image).permute(2, 0, 1).contiguous()
         parts = torch.from_numpy(rendering.parts.astype(np.int64))
         pose = rendering.pose
@@ -153,7 +162,8 @@ class FreshOrganisms(IterableDataset):
         attributes = torch.tensor(
             [variants.index(getattr(spec, trait)) for trait, variants in _TRAIT_VARIANTS.items()]
         )
-        return image, parts, pose_target, attributes
+        canonical = torch.from_numpy(rendering.canonical_parts)
+        return image, parts, pose_target, attributes, canonical
 
 
 def normalise(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -175,6 +185,18 @@ def part_shares(parts: torch.Tensor, patch_size: int, sub_grid: int) -> torch.Te
     return shares.reshape(batch, grid_rows * grid_cols, sub_grid * sub_grid, n_parts)
 
 
+def canonical_cell_weights(config: PretrainConfig, samples: int = 512) -> torch.Tensor:
+    """(rows * cols,) entropy of each canonical cell's mean part shares, scaled to mean 1.
+
+    Estimated from the first ``samples`` organisms of a stream disjoint from training's, so
+    it is fixed by the config alone.
+    """
+    stream = FreshOrganisms(replace(config, seed=config.seed + 1))
+    mean = torch.stack([stream.sample(index)[-1] for index in range(samples)]).mean(0)
+    entropy = -(mean * mean.clamp_min(1e-12).log()).sum(-1).flatten()
+    return entropy / entropy.mean()
+
+
 class PretextModel(nn.Module):
     """The backbone plus the two linear read-outs the pretext tasks train through."""
 
@@ -190,6 +212,14 @@ class PretextModel(nn.Module):
         n_variants = sum(len(v) for v in _TRAIT_VARIANTS.values())
         self.patch_attribute_head = nn.Linear(config.embed_dim, n_variants)
         self.image_attribute_head = nn.Linear(config.embed_dim, n_variants)
+        canonical_cells = config.canonical_rows * config.canonical_cols
+        self.canonical_head = nn.Linear(config.embed_dim, canonical_cells * len(PART_NAMES))
+        weights = canonical_cell_weights(config) if config.canonical_focus else None
+        self.register_buffer(
+            "canonical_cell_weights",
+            torch.ones(canonical_cells) if weights is None else weights,
+            persistent=False,
+        )
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         tokens = self.backbone.forward_features(images)
@@ -199,12 +229,14 @@ class PretextModel(nn.Module):
         dense = self.dense_head(patches).view(
             patches.shape[0], patches.shape[1], cells, len(PART_NAMES)
         )
+        pooled = patches.mean(1)
         return {
             "dense": dense,
             "pose": self.pose_head(tokens[:, 0]),
             "patch_attributes": self.patch_attribute_head(patches),
             # The same pooling as the linear probe's: the mean of the patch tokens.
-            "image_attributes": self.image_attribute_head(patches.mean(1)),
+            "image_attributes": self.image_attribute_head(pooled),
+            "canonical": self.canonical_head(pooled).view(pooled.shape[0], -1, len(PART_NAMES)),
         }
 
 
@@ -214,6 +246,7 @@ def pretext_losses(
     parts: torch.Tensor,
     pose: torch.Tensor,
     attributes: torch.Tensor,
+    canonical: torch.Tensor,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     out = model(normalise(images))
     target = part_shares(parts, model.config.patch_size, model.config.sub_grid)
@@ -221,6 +254,12 @@ def pretext_losses(
     pose_loss = F.mse_loss(out["pose"].float(), pose)
     cell_accuracy = (out["dense"].argmax(-1) == target.argmax(-1)).float().mean()
     loss = dense_loss + model.config.pose_weight * pose_loss
+    canonical_target = canonical.flatten(1, 2)
+    canonical_log_p = F.log_softmax(out["canonical"].float(), dim=-1)
+    canonical_cross_entropy = -(canonical_target * canonical_log_p).sum(-1)
+    canonical_loss = (canonical_cross_entropy * model.canonical_cell_weights).mean()
+    if model.config.canonical_weight > 0:
+        loss = loss + model.config.canonical_weight * canonical_loss
     attribute_loss = torch.zeros(())
     if model.config.attribute_weight > 0:
         attribute_loss = _attribute_loss(out, attributes, target.mean(2))
@@ -230,6 +269,7 @@ def pretext_losses(
         "dense_loss": float(dense_loss.detach()),
         "pose_loss": float(pose_loss.detach()),
         "attribute_loss": float(attribute_loss.detach()),
+        "canonical_loss": float(canonical_loss.detach()),
         "cell_accuracy": float(cell_accuracy),
     }
 
@@ -271,7 +311,14 @@ def _attribute_loss(
     return torch.stack(losses).mean()
 
 
-_METRIC_NAMES = ("loss", "dense_loss", "pose_loss", "attribute_loss", "cell_accuracy")
+_METRIC_NAMES = (
+    "loss",
+    "dense_loss",
+    "pose_loss",
+    "attribute_loss",
+    "canonical_loss",
+    "cell_accuracy",
+)
 
 
 def _lr_at(step: int, config: PretrainConfig) -> float:
@@ -335,11 +382,11 @@ def pretrain(config: PretrainConfig, work_dir: str | Path, device: str = "cpu") 
     started = time.perf_counter() - seconds
     batches = iter(loader)
     while step < config.steps:
-        images, parts, pose, attributes = (t.to(device, non_blocking=True) for t in next(batches))
+        batch = [t.to(device, non_blocking=True) for t in next(batches)]
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_bf16):
-            loss, metrics = pretext_losses(model, images, parts, pose, attributes)
+            loss, metrics = pretext_losses(model, *batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -10,11 +10,15 @@ import pytest
 from PIL import Image
 
 from promptcam.demo import (
+    BODY,
     DEMO_LEVELS,
     DORSAL,
+    HEAD,
     MARKING,
+    PART_NAMES,
     TAIL,
     DemoConfig,
+    OrganismSpec,
     build_taxonomy,
     decode_trait_mask,
     generate_demo_dataset,
@@ -97,3 +101,37 @@ def test_colour_histograms_cannot_classify_species(tmp_path):
     accuracy = (classifier.predict(x[~train]) == y[~train]).mean()
     chance = 1 / table["species"].nunique()
     assert accuracy < 0.5, f"colour histograms reach {accuracy:.2f} top-1 (chance {chance:.2f})"
+
+
+def test_canonical_part_map_is_pose_free_and_leaves_the_image_unchanged():
+    spec = OrganismSpec(tail="forked", dorsal="comb", mark_place="rear", mark_shape="ring")
+    grid = (30, 40)
+    maps = []
+    for seed in range(4):  # four poses (angle, flip, position, size) of the same organism
+        plain = render_organism(spec, 96, np.random.default_rng(seed))
+        rendering = render_organism(spec, 96, np.random.default_rng(seed), canonical_grid=grid)
+        assert np.array_equal(plain.image, rendering.image) and plain.canonical_parts is None
+        shares = rendering.canonical_parts
+        assert shares.shape == (*grid, len(PART_NAMES))
+        assert np.allclose(shares.sum(-1), 1.0)
+        maps.append(shares.argmax(-1))
+    # Only body depth and marking size vary between individuals: the maps nearly agree.
+    for other in maps[1:]:
+        assert (other == maps[0]).mean() > 0.95
+    # Head towards +x (right), tail to the left, dorsal fin above the body.
+    head_cols = np.nonzero((maps[0] == HEAD).any(0))[0]
+    tail_cols = np.nonzero((maps[0] == TAIL).any(0))[0]
+    assert head_cols.min() > tail_cols.max()
+    dorsal_rows = np.nonzero((maps[0] == DORSAL).any(1))[0]
+    body_rows = np.nonzero((maps[0] == BODY).any(1))[0]
+    assert dorsal_rows.min() < body_rows.min()
+
+
+def test_canonical_part_map_separates_shapes_the_image_shows():
+    grid = (30, 40)
+    by_tail = {}
+    for tail in ("forked", "rounded"):
+        spec = OrganismSpec(tail=tail, dorsal="dome", mark_place="front", mark_shape="disc")
+        rendering = render_organism(spec, 96, np.random.default_rng(0), canonical_grid=grid)
+        by_tail[tail] = rendering.canonical_parts[..., TAIL]
+    assert np.abs(by_tail["forked"] - by_tail["rounded"]).sum() > 10  # cells' worth of area

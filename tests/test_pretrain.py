@@ -12,9 +12,12 @@ from promptcam.io import sha256_file
 from promptcam.pretrain import (
     DEMO_BACKBONE,
     FreshOrganisms,
+    PretextModel,
     PretrainConfig,
+    canonical_cell_weights,
     demo_backbone_spec,
     part_shares,
+    pretext_losses,
     pretrain,
 )
 
@@ -126,3 +129,24 @@ def test_pretrain_rule_runs_a_few_steps_through_snakemake(tmp_path, snakemake_ru
     assert set(card["quality"]["linear_probe_top1"]) == {"family", "genus", "species"}
     spec = demo_backbone_spec(tmp_path / "results/pretrain/demo_vit.pt")
     assert spec["kwargs"]["embed_dim"] == 32
+
+
+def test_canonical_focus_spends_the_loss_where_organisms_differ():
+    config = PretrainConfig(**TINY, canonical_rows=15, canonical_cols=20)
+    weights = canonical_cell_weights(config, samples=64).view(15, 20)
+    assert weights.mean().item() == pytest.approx(1.0)
+    assert weights[0, -1] == 0.0  # above the head: background in every organism
+    # The tail fan (left edge, mid-height) differs between tail shapes: above-average weight.
+    assert weights[6:9, 0:4].max() > 1.0
+
+
+def test_canonical_target_reaches_the_loss_only_when_weighted(tmp_path):
+    unweighted = PretextModel(PretrainConfig(**TINY))
+    weighted = PretextModel(PretrainConfig(**TINY, canonical_weight=2.0))
+    weighted.load_state_dict(unweighted.state_dict())
+    batch = [t[None] for t in FreshOrganisms(PretrainConfig(**TINY)).sample(0)]
+    loss_without, metrics = pretext_losses(unweighted, *batch)
+    loss_with, _ = pretext_losses(weighted, *batch)
+    assert loss_with.item() == pytest.approx(
+        loss_without.item() + 2.0 * metrics["canonical_loss"], rel=1e-5
+    )
