@@ -111,13 +111,26 @@ def test_shipped_demo_backbone_matches_its_card_and_loads_through_timm():
     assert card["quality"]["linear_probe_top1"]["species"] >= 0.85
 
 
+def test_label_free_candidate_matches_its_card_and_used_no_attribute_target(repo_root):
+    weights = repo_root / "pretrain" / "demo_vit_labelfree.pt"
+    spec = demo_backbone_spec(weights)  # raises on a sha256 mismatch
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["pretrain_config"]["attribute_weight"] == 0.0
+    assert all(stage.get("attribute_weight", 0.0) == 0.0 for stage in card["stages"])
+    stored = torch.load(weights, weights_only=True)
+    model = pretrain_module.build_vit(PretrainConfig(**card["pretrain_config"]))
+    model.load_state_dict({key: tensor.float() for key, tensor in stored.items()})
+    assert spec["kwargs"] == PretrainConfig(**card["pretrain_config"]).vit_kwargs()
+
+
 @pytest.mark.slow
 def test_pretrain_rule_runs_a_few_steps_through_snakemake(tmp_path, snakemake_run):
     config = tmp_path / "config.yaml"
     config.write_text(
         "pretrain: {batch_size: 4, image_size: 48, patch_size: 12, embed_dim: 32,"
         " depth: 2, num_heads: 4, num_workers: 0, probe_per_species: 3,"
-        " stages: [{steps: 2, attribute_weight: 0.0}, {steps: 3, attribute_weight: 1.0}]}\n"
+        " stages: [{steps: 2, attribute_weight: 0.0},"
+        " {steps: 3, canonical_weight: 1.0, canonical_focus: true}]}\n"
     )
     result = snakemake_run(tmp_path, "pretrain_backbone", configfile=config)
     assert result.returncode == 0, result.stderr[-3000:]
