@@ -75,6 +75,7 @@ BACKGROUND, BODY, TAIL, DORSAL, HEAD, MARKING, PELVIC = range(len(PART_NAMES))
 
 # Canonical organism frame: body length 1, head towards +x, dorsal side towards +y.
 _BODY_HALF_LENGTH = 0.5
+_HEAD_X = 0.3  # where the head's outline and the gill start
 _EXTENT_X = (-0.95, 0.55)
 _EXTENT_Y = (-0.5, 0.62)
 _SUPERSAMPLE = 2
@@ -367,13 +368,12 @@ def _organism_layers(
 ) -> _Layers:
     """The organism's polygons in its own frame, in painter's order, with part and colour."""
     body = _ellipse(0.0, 0.0, _BODY_HALF_LENGTH, depth, n=64)
-    head_x = 0.3
-    front = body[body[:, 0] >= head_x]
+    front = body[body[:, 0] >= _HEAD_X]
     head_outline = np.vstack(
         [
-            [[head_x, float(_body_half_height(head_x, depth))]],
+            [[_HEAD_X, float(_body_half_height(_HEAD_X, depth))]],
             front[np.argsort(-np.arctan2(front[:, 1], front[:, 0]))],
-            [[head_x, -float(_body_half_height(head_x, depth))]],
+            [[_HEAD_X, -float(_body_half_height(_HEAD_X, depth))]],
         ]
     )
     pelvic = np.array([[0.05, -depth + 0.02], [-0.08, -depth - 0.12], [-0.12, -depth + 0.02]])
@@ -434,10 +434,9 @@ def render_organism(
     fin_colour = _random_colour(rng) if rng.random() < 0.5 else tuple(int(c) for c in body_colour)
     mark_colour = _random_colour(rng, avoid=body_colour)
 
-    head_x = 0.3
     eye = _ellipse(0.38, 0.05, 0.03, 0.03, n=16)
     gill = np.array(
-        [[head_x - 0.01, -0.6 * depth], [head_x + 0.02, 0.0], [head_x - 0.01, 0.6 * depth]]
+        [[_HEAD_X - 0.01, -0.6 * depth], [_HEAD_X + 0.02, 0.0], [_HEAD_X - 0.01, 0.6 * depth]]
     )
     # Painter's order; the same order fills the part map and the image.
     layers = _organism_layers(spec, depth, mark_size, body_colour, fin_colour, mark_colour)

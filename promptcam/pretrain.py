@@ -140,9 +140,13 @@ class FreshOrganisms(IterableDataset):
         return self.view(random_spec(rng), rng)
 
     def view(self, spec: OrganismSpec, rng: np.random.Generator) -> tuple[torch.Tensor, ...]:
-        """image, part map, pose target, attribute indices, canonical part shares."""
+        """image, part map, pose target, attribute indices, canonical part shares (empty when
+        the config does not train on them, so the loader does not draw them for nothing)."""
         grid = (self.config.canonical_rows, self.config.canonical_cols)
-        rendering = render_organism(spec, self.config.image_size, rng, canonical_grid=grid)
+        wanted = self.config.canonical_weight > 0
+        rendering = render_organism(
+            spec, self.config.image_size, rng, canonical_grid=grid if wanted else None
+        )
         image = torch.from_numpy(rendering.image).permute(2, 0, 1).contiguous()
         parts = torch.from_numpy(rendering.parts.astype(np.int64))
         pose = rendering.pose
@@ -162,7 +166,7 @@ class FreshOrganisms(IterableDataset):
         attributes = torch.tensor(
             [variants.index(getattr(spec, trait)) for trait, variants in _TRAIT_VARIANTS.items()]
         )
-        canonical = torch.from_numpy(rendering.canonical_parts)
+        canonical = torch.from_numpy(rendering.canonical_parts) if wanted else torch.empty(0)
         return image, parts, pose_target, attributes, canonical
 
 
@@ -191,7 +195,7 @@ def canonical_cell_weights(config: PretrainConfig, samples: int = 512) -> torch.
     Estimated from the first ``samples`` organisms of a stream disjoint from training's, so
     it is fixed by the config alone.
     """
-    stream = FreshOrganisms(replace(config, seed=config.seed + 1))
+    stream = FreshOrganisms(replace(config, seed=config.seed + 1, canonical_weight=1.0))
     mean = torch.stack([stream.sample(index)[-1] for index in range(samples)]).mean(0)
     entropy = -(mean * mean.clamp_min(1e-12).log()).sum(-1).flatten()
     return entropy / entropy.mean()
@@ -254,11 +258,11 @@ def pretext_losses(
     pose_loss = F.mse_loss(out["pose"].float(), pose)
     cell_accuracy = (out["dense"].argmax(-1) == target.argmax(-1)).float().mean()
     loss = dense_loss + model.config.pose_weight * pose_loss
-    canonical_target = canonical.flatten(1, 2)
-    canonical_log_p = F.log_softmax(out["canonical"].float(), dim=-1)
-    canonical_cross_entropy = -(canonical_target * canonical_log_p).sum(-1)
-    canonical_loss = (canonical_cross_entropy * model.canonical_cell_weights).mean()
+    canonical_loss = torch.zeros(())
     if model.config.canonical_weight > 0:
+        canonical_log_p = F.log_softmax(out["canonical"].float(), dim=-1)
+        canonical_cross_entropy = -(canonical.flatten(1, 2) * canonical_log_p).sum(-1)
+        canonical_loss = (canonical_cross_entropy * model.canonical_cell_weights).mean()
         loss = loss + model.config.canonical_weight * canonical_loss
     attribute_loss = torch.zeros(())
     if model.config.attribute_weight > 0:

@@ -157,9 +157,9 @@ def test_canonical_target_reaches_the_loss_only_when_weighted(tmp_path):
     unweighted = PretextModel(PretrainConfig(**TINY))
     weighted = PretextModel(PretrainConfig(**TINY, canonical_weight=2.0))
     weighted.load_state_dict(unweighted.state_dict())
-    batch = [t[None] for t in FreshOrganisms(PretrainConfig(**TINY)).sample(0)]
-    loss_without, metrics = pretext_losses(unweighted, *batch)
-    loss_with, _ = pretext_losses(weighted, *batch)
+    batch = [t[None] for t in FreshOrganisms(weighted.config).sample(0)]
+    loss_without, _ = pretext_losses(unweighted, *batch)
+    loss_with, metrics = pretext_losses(weighted, *batch)
     assert loss_with.item() == pytest.approx(
         loss_without.item() + 2.0 * metrics["canonical_loss"], rel=1e-5
     )
