@@ -101,7 +101,7 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ("steps", "batch_size", "seed", "threads", "num_workers", "warmup_steps"):
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, type=int, default=getattr(defaults, name))
-    for name in ("lr", "attribute_weight", "canonical_weight"):
+    for name in ("lr", "attribute_weight", "canonical_weight", "locality_weight"):
         parser.add_argument(
             "--" + name.replace("_", "-"), type=float, default=getattr(defaults, name)
         )
@@ -128,6 +128,7 @@ def _run_pretrain(args: argparse.Namespace) -> int:
         lr=args.lr,
         attribute_weight=args.attribute_weight,
         canonical_weight=args.canonical_weight,
+        locality_weight=args.locality_weight,
         canonical_focus=args.canonical_focus,
         init_from=args.init_from,
     )
@@ -156,9 +157,35 @@ def _argv_for_card(args: argparse.Namespace) -> list[str]:
         f"--lr {args.lr}",
         f"--attribute-weight {args.attribute_weight}",
         f"--canonical-weight {args.canonical_weight}",
+        f"--locality-weight {args.locality_weight}",
         *(["--canonical-focus"] if args.canonical_focus else []),
         *([f"--init-from {args.init_from}"] if args.init_from else []),
     ]
+
+
+def _add_probe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("weights", type=Path, help="a demo backbone (.pt beside its .json card)")
+    parser.add_argument("--per-species", type=int, default=60, help="images per species")
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def _run_probe(args: argparse.Namespace) -> int:
+    import torch
+
+    from promptcam.model import build_backbone
+    from promptcam.pretrain import demo_backbone_spec, probe_backbone, token_locality
+
+    torch.set_num_threads(args.threads)
+    spec = demo_backbone_spec(args.weights)
+    backbone = build_backbone(spec["name"], spec["weights"], **spec["kwargs"])
+    size, patch = spec["kwargs"]["img_size"], spec["kwargs"]["patch_size"]
+    report = {
+        "weights": str(args.weights),
+        "probe": probe_backbone(backbone, size, patch, per_species=args.per_species).as_dict(),
+        "token_locality": token_locality(backbone, size, patch),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
 
 
 def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,6 +236,12 @@ COMMANDS: tuple[Command, ...] = (
         "pre-train the demo's small ViT on label-free generator geometry",
         _add_pretrain_arguments,
         _run_pretrain,
+    ),
+    Command(
+        "probe-backbone",
+        "linear probes and token locality of a demo backbone, on a fresh demo draw",
+        _add_probe_arguments,
+        _run_probe,
     ),
     Command(
         "traits",

@@ -72,6 +72,8 @@ PART_NAMES: tuple[str, ...] = (
     "pelvic_fin",
 )
 BACKGROUND, BODY, TAIL, DORSAL, HEAD, MARKING, PELVIC = range(len(PART_NAMES))
+# The body part that shows each rank's trait, in DEMO_LEVELS order (the trait mask's bits).
+RANK_TRAIT_PARTS: dict[str, int] = {"family": TAIL, "genus": DORSAL, "species": MARKING}
 
 # Canonical organism frame: body length 1, head towards +x, dorsal side towards +y.
 _BODY_HALF_LENGTH = 0.5
@@ -462,7 +464,7 @@ def render_organism(
 
     part_map = np.asarray(parts, dtype=np.uint8)
     trait_mask = np.zeros_like(part_map)
-    for bit, part in enumerate((TAIL, DORSAL, MARKING)):
+    for bit, part in enumerate(RANK_TRAIT_PARTS[level] for level in DEMO_LEVELS):
         trait_mask |= (part_map == part).astype(np.uint8) << bit
     canonical = None if canonical_grid is None else canonical_part_shares(layers, canonical_grid)
     return Rendering(

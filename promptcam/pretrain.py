@@ -8,6 +8,10 @@ download, so this module makes one from the demo generator's geometry alone:
   dorsal fin, head, marking, pelvic fin) in each cell of a ``sub_grid`` x ``sub_grid``
   subdivision of the patch, so patch tokens must encode part *shapes* at sub-patch detail;
 - global target from the CLS token: heading (cos, sin), flip, centre and size.
+- optional: the shape of each part from the generator's vocabulary (attributes), the
+  pose-free part map (from the pooled tokens), and *locality*: an adversarial probe that must
+  not be able to read a part's shape from the tokens entering the last block that do not show
+  that part, so that Prompt-CAM's class prompts find each trait only where it is.
 
 Images come from :func:`promptcam.demo.random_spec`, i.e. any combination of trait
 variants, drawn from a seed stream disjoint from the demo dataset's. The taxonomy labels
@@ -41,6 +45,7 @@ from promptcam.demo import (
     MARK_SIDES,
     MARKING,
     PART_NAMES,
+    RANK_TRAIT_PARTS,
     TAIL,
     TAIL_SHAPES,
     OrganismSpec,
@@ -98,6 +103,12 @@ class PretrainConfig:
     # dome fin, ring marking at the rear, ...), per patch and per image, on organisms with
     # random combinations of shapes: part attributes, never the demo's taxa.
     attribute_weight: float = 0.0
+    # Keep each trait's shape out of the tokens that do not show it, at the last block's
+    # input (what Prompt-CAM's class prompts attend to). A probe learns to read the shape
+    # from those tokens; the backbone is trained to leave it guessing (uniform). Otherwise
+    # the shape spreads over every token and a prompt can read it anywhere, so its
+    # attention need not point at the trait.
+    locality_weight: float = 0.0
     init_from: str | None = None  # backbone weights (e.g. stage 1's export) to start from
 
     def vit_kwargs(self) -> dict[str, Any]:
@@ -201,6 +212,14 @@ def canonical_cell_weights(config: PretrainConfig, samples: int = 512) -> torch.
     return entropy / entropy.mean()
 
 
+def last_block_tokens(backbone: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Normalised images -> the tokens entering the last block (B, prefix + patches, D): what
+    Prompt-CAM's class prompts attend to. Norm and last block on top give forward_features."""
+    x = backbone.patch_embed(images)
+    x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(x)))
+    return backbone.blocks[:-1](x)
+
+
 class PretextModel(nn.Module):
     """The backbone plus the two linear read-outs the pretext tasks train through."""
 
@@ -216,6 +235,11 @@ class PretextModel(nn.Module):
         n_variants = sum(len(v) for v in _TRAIT_VARIANTS.values())
         self.patch_attribute_head = nn.Linear(config.embed_dim, n_variants)
         self.image_attribute_head = nn.Linear(config.embed_dim, n_variants)
+        self.leak_probe = nn.Sequential(
+            nn.Linear(config.embed_dim, config.embed_dim),
+            nn.GELU(),
+            nn.Linear(config.embed_dim, n_variants),
+        )
         canonical_cells = config.canonical_rows * config.canonical_cols
         self.canonical_head = nn.Linear(config.embed_dim, canonical_cells * len(PART_NAMES))
         weights = canonical_cell_weights(config) if config.canonical_focus else None
@@ -226,7 +250,8 @@ class PretextModel(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = self.backbone.forward_features(images)
+        last_block_input = last_block_tokens(self.backbone, images)
+        tokens = self.backbone.norm(self.backbone.blocks[-1](last_block_input))
         prefix = self.backbone.num_prefix_tokens
         patches = tokens[:, prefix:]
         cells = self.config.sub_grid * self.config.sub_grid
@@ -241,6 +266,7 @@ class PretextModel(nn.Module):
             # The same pooling as the linear probe's: the mean of the patch tokens.
             "image_attributes": self.image_attribute_head(pooled),
             "canonical": self.canonical_head(pooled).view(pooled.shape[0], -1, len(PART_NAMES)),
+            "last_block_input": last_block_input,
         }
 
 
@@ -268,12 +294,20 @@ def pretext_losses(
     if model.config.attribute_weight > 0:
         attribute_loss = _attribute_loss(out, attributes, target.mean(2))
         loss = loss + model.config.attribute_weight * attribute_loss
+    locality_loss, leak_accuracy = torch.zeros(()), torch.zeros(())
+    if model.config.locality_weight > 0:
+        probe_loss, locality_loss, leak_accuracy = _locality_losses(
+            model, out["last_block_input"], attributes, target.mean(2)
+        )
+        loss = loss + probe_loss + model.config.locality_weight * locality_loss
     return loss, {
         "loss": float(loss.detach()),
         "dense_loss": float(dense_loss.detach()),
         "pose_loss": float(pose_loss.detach()),
         "attribute_loss": float(attribute_loss.detach()),
         "canonical_loss": float(canonical_loss.detach()),
+        "locality_loss": float(locality_loss.detach()),
+        "leak_accuracy": float(leak_accuracy),
         "cell_accuracy": float(cell_accuracy),
     }
 
@@ -315,12 +349,59 @@ def _attribute_loss(
     return torch.stack(losses).mean()
 
 
+def _locality_losses(
+    model: PretextModel,
+    tokens: torch.Tensor,
+    attributes: torch.Tensor,
+    patch_shares: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(probe loss, locality loss, probe accuracy) on the tokens that do not show a trait.
+
+    ``tokens`` (B, prefix + P, D) enter the last block; prefix tokens (CLS) show no part. The
+    probe learns from detached tokens; the locality loss (cross-entropy to the uniform
+    guess) reaches the backbone through a detached copy of the probe, so each side only
+    moves its own parameters.
+    """
+    prefix = model.backbone.num_prefix_tokens
+    first, activation, second = model.leak_probe
+    logits = model.leak_probe(tokens.detach()).float()
+    blind_logits = F.linear(
+        activation(F.linear(tokens, first.weight.detach(), first.bias.detach())),
+        second.weight.detach(),
+        second.bias.detach(),
+    ).float()
+    probe_losses, locality_losses, hits = [], [], []
+    offset = 0
+    for column, (trait, variants) in enumerate(_TRAIT_VARIANTS.items()):
+        width = len(variants)
+        shows_part = patch_shares[..., _TRAIT_PARTS[trait]] > 0
+        hides = F.pad(~shows_part, (prefix, 0), value=True)
+        if hides.any():
+            label = attributes[:, column, None].expand_as(hides)[hides]
+            probe_logits = logits[..., offset : offset + width][hides]
+            probe_losses.append(F.cross_entropy(probe_logits, label))
+            hits.append((probe_logits.argmax(-1) == label).float().mean())
+            blind = F.log_softmax(blind_logits[..., offset : offset + width][hides], dim=-1)
+            locality_losses.append(-blind.mean(-1).mean() - math.log(width))
+        offset += width
+    if not probe_losses:
+        zero = tokens.sum() * 0
+        return zero, zero, zero.detach()
+    return (
+        torch.stack(probe_losses).mean(),
+        torch.stack(locality_losses).mean(),
+        torch.stack(hits).mean().detach(),
+    )
+
+
 _METRIC_NAMES = (
     "loss",
     "dense_loss",
     "pose_loss",
     "attribute_loss",
     "canonical_loss",
+    "locality_loss",
+    "leak_accuracy",
     "cell_accuracy",
 )
 
@@ -517,12 +598,21 @@ def _fresh_demo_draw(
 
 
 @torch.no_grad()
-def _features(backbone: VisionTransformer, images: np.ndarray, batch: int = 128) -> torch.Tensor:
+def _features(
+    backbone: VisionTransformer, images: np.ndarray, last_block_input: bool = False
+) -> torch.Tensor:
+    """Patch tokens (N, patches, D) of uint8 images (N, H, W, 3): the backbone's output, or
+    what enters its last block."""
     backbone.eval()
     out = []
-    for start in range(0, len(images), batch):
-        chunk = torch.from_numpy(images[start : start + batch]).permute(0, 3, 1, 2)
-        out.append(backbone.forward_features(normalise(chunk))[:, backbone.num_prefix_tokens :])
+    for start in range(0, len(images), 128):
+        chunk = normalise(torch.from_numpy(images[start : start + 128]).permute(0, 3, 1, 2))
+        tokens = (
+            last_block_tokens(backbone, chunk)
+            if last_block_input
+            else backbone.forward_features(chunk)
+        )
+        out.append(tokens[:, backbone.num_prefix_tokens :])
     return torch.cat(out)
 
 
@@ -568,6 +658,65 @@ def probe_backbone(
     part_clf = LogisticRegression(max_iter=500).fit(x_train, majority[is_train].reshape(-1))
     part_accuracy = float((part_clf.predict(x_test) == majority[~is_train].reshape(-1)).mean())
     return ProbeReport(top1, part_accuracy, int(is_train.sum()), int((~is_train).sum()))
+
+
+def token_locality(
+    backbone: VisionTransformer,
+    image_size: int,
+    patch_size: int,
+    per_species: int = 40,
+    seed: int = 7,
+    max_tokens: int = 6000,
+) -> dict[str, dict[str, float]]:
+    """Where does a rank's information sit in the tokens entering the last block?
+
+    Per rank, a logistic regression from single tokens to the rank's label: once on the
+    tokens that show the rank's trait, once on the tokens that neither show nor touch any
+    trait (tail, dorsal fin, marking; 3 x 3 patch neighbourhood). A local backbone reads the
+    rank on the trait and is near chance away from every trait. Fresh demo draw (two thirds
+    of each species' images to fit, the rest to score), at most ``max_tokens`` tokens each.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from promptcam.demo import DemoConfig
+
+    images, parts, labels = _fresh_demo_draw(DemoConfig(), image_size, per_species, seed)
+    tokens = _features(backbone, images, last_block_input=True).numpy()
+    n, grid = len(images), image_size // patch_size
+    is_train = (np.arange(n) % per_species) < (2 * per_species) // 3
+
+    def shows(part_ids: tuple[int, ...]) -> np.ndarray:
+        inside = torch.from_numpy(np.isin(parts, part_ids).astype(np.float32))[:, None]
+        return F.avg_pool2d(inside, patch_size) > 0  # (N, 1, grid, grid)
+
+    near_any = F.max_pool2d(shows(tuple(RANK_TRAIT_PARTS.values())).float(), 3, 1, 1) > 0
+    far = ~near_any.reshape(n, grid * grid).numpy()
+    rng = np.random.default_rng(seed)
+
+    def accuracy(selected: np.ndarray, y: np.ndarray) -> float:
+        def pick(split: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
+            x = tokens[split][selected[split]]
+            labels_per_token = np.repeat(y[split], selected[split].sum(1))
+            keep = rng.choice(len(x), min(limit, len(x)), replace=False)
+            return x[keep], labels_per_token[keep]
+
+        x_fit, y_fit = pick(is_train, max_tokens)
+        x_test, y_test = pick(~is_train, max_tokens)
+        scaler = StandardScaler().fit(x_fit)
+        clf = LogisticRegression(max_iter=300, C=0.1).fit(scaler.transform(x_fit), y_fit)
+        return float((clf.predict(scaler.transform(x_test)) == y_test).mean())
+
+    report = {}
+    for rank, part in RANK_TRAIT_PARTS.items():
+        y = labels[rank]
+        on_trait = shows((part,)).reshape(n, grid * grid).numpy()
+        report[rank] = {
+            "on_trait_top1": accuracy(on_trait, y),
+            "far_from_traits_top1": accuracy(far, y),
+            "chance": 1.0 / len(set(y)),
+        }
+    return report
 
 
 def run_pretraining(
