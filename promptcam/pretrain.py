@@ -221,7 +221,7 @@ def last_block_tokens(backbone: VisionTransformer, images: torch.Tensor) -> torc
 
 
 class PretextModel(nn.Module):
-    """The backbone plus the two linear read-outs the pretext tasks train through."""
+    """The backbone plus the read-outs the pretext tasks train through (and the leak probe)."""
 
     def __init__(self, config: PretrainConfig) -> None:
         super().__init__()
