@@ -255,3 +255,18 @@ def test_locality_stage_keeps_the_species_out_of_tokens_away_from_the_traits(rep
     assert species["far_from_traits_top1"] < 0.25, species
     assert species["on_trait_top1"] > 2 * species["far_from_traits_top1"], species
     assert min(after["probe"]["linear_probe_top1"].values()) >= 0.85, after["probe"]
+
+
+@pytest.mark.slow
+def test_label_free_candidate_passes_the_probe_target(repo_root):
+    """Issue 5's quality bar, recomputed: linear probes on a fresh demo draw >= 0.85 at
+    every rank from a backbone that never saw a shape name or a taxon."""
+    from promptcam.model import build_backbone
+    from promptcam.pretrain import probe_backbone
+
+    weights = repo_root / "pretrain" / "demo_vit_labelfree.pt"
+    spec = demo_backbone_spec(weights)
+    backbone = build_backbone(spec["name"], spec["weights"], **spec["kwargs"])
+    report = probe_backbone(backbone, 96, 12, per_species=60)
+    assert min(report.linear_probe_top1.values()) >= 0.85, report
+    assert report.part_probe_accuracy >= 0.95, report
