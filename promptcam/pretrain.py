@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+from torch.func import functional_call
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -363,13 +364,9 @@ def _locality_losses(
     moves its own parameters.
     """
     prefix = model.backbone.num_prefix_tokens
-    first, activation, second = model.leak_probe
     logits = model.leak_probe(tokens.detach()).float()
-    blind_logits = F.linear(
-        activation(F.linear(tokens, first.weight.detach(), first.bias.detach())),
-        second.weight.detach(),
-        second.bias.detach(),
-    ).float()
+    frozen = {name: value.detach() for name, value in model.leak_probe.named_parameters()}
+    blind_logits = functional_call(model.leak_probe, frozen, (tokens,)).float()
     probe_losses, locality_losses, hits = [], [], []
     offset = 0
     for column, (trait, variants) in enumerate(_TRAIT_VARIANTS.items()):
@@ -597,6 +594,11 @@ def _fresh_demo_draw(
     return np.stack(images), np.stack(parts), {k: np.array(v) for k, v in labels.items()}
 
 
+def _patch_part_shares(parts: np.ndarray, patch_size: int) -> torch.Tensor:
+    """(N, H, W) part indices -> (N, patches, parts) area share of each part in each patch."""
+    return part_shares(torch.from_numpy(parts.astype(np.int64)), patch_size, 1)[:, :, 0]
+
+
 @torch.no_grad()
 def _features(
     backbone: VisionTransformer, images: np.ndarray, last_block_input: bool = False
@@ -644,13 +646,7 @@ def probe_backbone(
         clf = LogisticRegression(max_iter=2000, C=1.0).fit(pooled[is_train], y[is_train])
         top1[level] = float((clf.predict(pooled[~is_train]) == y[~is_train]).mean())
 
-    grid = image_size // patch_size
-    one_hot = (
-        F.one_hot(torch.from_numpy(parts.astype(np.int64)), len(PART_NAMES))
-        .permute(0, 3, 1, 2)
-        .float()
-    )
-    majority = F.avg_pool2d(one_hot, patch_size).argmax(1).reshape(n, grid * grid).numpy()
+    majority = _patch_part_shares(parts, patch_size).argmax(-1).numpy()
     patch_features = tokens.numpy()
     scaler = StandardScaler().fit(patch_features[is_train].reshape(-1, tokens.shape[-1]))
     x_train = scaler.transform(patch_features[is_train].reshape(-1, tokens.shape[-1]))
@@ -685,12 +681,9 @@ def token_locality(
     tokens = _features(backbone, images, last_block_input=True).numpy()
     n, grid = len(images), image_size // patch_size
     is_train = (np.arange(n) % per_species) < (2 * per_species) // 3
-
-    def shows(part_ids: tuple[int, ...]) -> np.ndarray:
-        inside = torch.from_numpy(np.isin(parts, part_ids).astype(np.float32))[:, None]
-        return F.avg_pool2d(inside, patch_size) > 0  # (N, 1, grid, grid)
-
-    near_any = F.max_pool2d(shows(tuple(RANK_TRAIT_PARTS.values())).float(), 3, 1, 1) > 0
+    shows = _patch_part_shares(parts, patch_size) > 0  # (N, patches, parts)
+    any_trait = shows[..., list(RANK_TRAIT_PARTS.values())].any(-1).float()
+    near_any = F.max_pool2d(any_trait.view(n, 1, grid, grid), 3, 1, 1) > 0
     far = ~near_any.reshape(n, grid * grid).numpy()
     rng = np.random.default_rng(seed)
 
@@ -710,7 +703,7 @@ def token_locality(
     report = {}
     for rank, part in RANK_TRAIT_PARTS.items():
         y = labels[rank]
-        on_trait = shows((part,)).reshape(n, grid * grid).numpy()
+        on_trait = shows[..., part].numpy()
         report[rank] = {
             "on_trait_top1": accuracy(on_trait, y),
             "far_from_traits_top1": accuracy(far, y),
