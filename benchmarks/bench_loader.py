@@ -53,14 +53,19 @@ def train_dataset(shards: Path, rank: str, transform: TransformConfig) -> ShardD
     return ShardDataset(shards, "train", rank, train=True, transform=transform, shuffle_buffer=500)
 
 
-def time_loader(dataset: ShardDataset, batch_size: int, workers: int) -> tuple[int, float, int]:
-    """Images read in one epoch, seconds, and the largest class index seen."""
-    images, largest = 0, 0
+def time_loader(
+    dataset: ShardDataset, batch_size: int, workers: int
+) -> tuple[int, float, float, int]:
+    """Images read in one epoch, seconds in all, seconds to the first batch (worker start-up),
+    and the largest class index seen."""
+    images, largest, first = 0, 0, None
     start = time.perf_counter()
     for _, labels, _ in make_loader(dataset, batch_size, workers):
+        if first is None:
+            first = time.perf_counter() - start
         images += len(labels)
         largest = max(largest, int(labels.max()))
-    return images, time.perf_counter() - start, largest
+    return images, time.perf_counter() - start, first or 0.0, largest
 
 
 def time_steps(
@@ -102,6 +107,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the step")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="timm name of the step's backbone (e.g. vit_base_patch16_224); default: the demo ViT",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -119,14 +129,18 @@ def main() -> None:
         dataset = train_dataset(shards, args.rank, transform)
         rows, num_classes = [], 1
         for workers in (0, 1, args.workers):
-            images, seconds, largest = time_loader(dataset, args.batch_size, workers)
-            rows.append((f"loader, {workers} worker(s)", workers, images, seconds))
+            images, seconds, first, largest = time_loader(dataset, args.batch_size, workers)
+            rows.append((f"loader, {workers} worker(s)", workers, images, seconds, first))
             num_classes = max(num_classes, largest + 1)
 
-        spec = BackboneSpec("vit_custom", kwargs=vit)
+        spec = (
+            BackboneSpec("vit_custom", kwargs=vit)
+            if args.backbone is None
+            else BackboneSpec(args.backbone, kwargs=dict(img_size=args.img_size))
+        )
         model = PromptCAM(spec, PromptCAMConfig(num_classes=num_classes)).to(device)
         images, seconds = time_steps(model, args.batch_size, args.img_size, args.steps, device)
-        rows.append(("train step only (random input)", 0, images, seconds))
+        rows.append(("train step only (random input)", 0, images, seconds, None))
 
         config = TrainConfig(batch_size=args.batch_size, num_workers=args.workers)
         loader = make_loader(
@@ -145,17 +159,21 @@ def main() -> None:
                 progress=progress,
             )
         seconds = time.perf_counter() - start
-        rows.append(("train epoch (loader + step)", args.workers, stats.samples, seconds))
+        rows.append(("train epoch (loader + step)", args.workers, stats.samples, seconds, None))
 
     print(
         f"{len(dataset)} train images, rank {args.rank} ({num_classes} classes), batch "
-        f"{args.batch_size}, model input {args.img_size} px, ViT {vit}, Prompt-CAM reference "
-        f"layout; device {device}, {args.threads} torch thread(s), {os.cpu_count()} cores\n"
+        f"{args.batch_size}, model input {args.img_size} px, backbone "
+        f"{args.backbone or vit}, Prompt-CAM reference layout; device {device}, "
+        f"{args.threads} torch thread(s), {os.cpu_count()} cores\n"
     )
-    print("| what | workers | images | seconds | images/s |")
-    print("|---|---:|---:|---:|---:|")
-    for name, workers, images, seconds in rows:
-        print(f"| {name} | {workers} | {images} | {seconds:.2f} | {images / seconds:.1f} |")
+    print("| what | workers | images | seconds | images/s | images/s after the first batch |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, workers, images, seconds, first in rows:
+        steady = "" if first is None else f"{(images - args.batch_size) / (seconds - first):.1f}"
+        print(
+            f"| {name} | {workers} | {images} | {seconds:.2f} | {images / seconds:.1f} | {steady} |"
+        )
 
 
 if __name__ == "__main__":

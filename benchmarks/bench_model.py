@@ -53,8 +53,8 @@ GPU_SETTING = Setting(
     class_counts=(200, 1000, 5000, 10000),
     batch=128,
     baseline_batch=16,  # the reference's batch; larger ones run out of memory sooner
-    warmup=3,
-    min_seconds=3.0,
+    warmup=2,
+    min_seconds=2.0,
 )
 
 
@@ -97,6 +97,13 @@ def images_per_second(step: Callable[[], None], batch: int, setting: Setting, de
     return batch * steps / elapsed
 
 
+@dataclass(frozen=True)
+class Measurement:
+    images_per_second: float
+    batch: int
+    peak_gib: float | None  # CUDA only
+
+
 def measure(
     model: PromptCAM,
     forward: Callable[[Tensor], Tensor],
@@ -106,8 +113,29 @@ def measure(
     bf16: bool,
     setting: Setting,
     device: str,
-) -> float | None:
-    """Images/s, or None when out of memory."""
+) -> Measurement | None:
+    """Images/s at ``batch``, or at the largest of batch / 4, batch / 16 that fits in memory;
+    None when even that runs out of memory."""
+    while batch >= 8:
+        try:
+            return _measure_at(
+                model, forward, train=train, batch=batch, bf16=bf16, setting=setting, device=device
+            )
+        except torch.OutOfMemoryError:
+            batch //= 4
+    return None
+
+
+def _measure_at(
+    model: PromptCAM,
+    forward: Callable[[Tensor], Tensor],
+    *,
+    train: bool,
+    batch: int,
+    bf16: bool,
+    setting: Setting,
+    device: str,
+) -> Measurement:
     images = torch.randn(batch, 3, setting.img_size, setting.img_size, device=device)
     labels = torch.randint(model.num_classes, (batch,), device=device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -125,10 +153,12 @@ def measure(
         loss.backward()
         optimizer.step()
 
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     try:
-        return images_per_second(step, batch, setting, device)
-    except torch.OutOfMemoryError:
-        return None
+        rate = images_per_second(step, batch, setting, device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        return Measurement(rate, batch, peak)
     finally:
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
@@ -139,56 +169,74 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="ViT-B/16, C up to 10000 (GPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated LAYOUT:C, e.g. reference:200,scalable:10000"
+    )
+    parser.add_argument("--modes", default="train,infer", help="train, infer or both")
+    parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    parser.add_argument("--no-explicit", action="store_true", help="skip the explicit baseline")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     setting = GPU_SETTING if args.full else CPU_SETTING
     bf16 = device == "cuda"
+    configs = [
+        (layout, num_classes)
+        for layout in ("reference", "scalable")
+        for num_classes in setting.class_counts
+    ]
+    if args.only:
+        wanted = {(item.split(":")[0], int(item.split(":")[1])) for item in args.only.split(",")}
+        configs = [config for config in configs if config in wanted]
+    modes = [mode == "train" for mode in args.modes.split(",")]
+    card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(
-        f"device {device}, backbone {setting.backbone.name} {dict(setting.backbone.kwargs)}, "
-        f"threads {torch.get_num_threads()}, ours: fused attention{', bf16' if bf16 else ''}"
+        f"device {device} ({card}), torch {torch.__version__}, backbone {setting.backbone.name} "
+        f"{dict(setting.backbone.kwargs)}, threads {torch.get_num_threads()}, "
+        f"ours: fused attention{', bf16 autocast' if bf16 else ''}; explicit: fp32"
     )
-    header = ("layout", "C", "mode", "ours img/s", "explicit img/s", "ratio")
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for layout in ("reference", "scalable"):
-        for num_classes in setting.class_counts:
-            config = PromptCAMConfig(num_classes=num_classes, layout=layout)
-            model = PromptCAM(setting.backbone, config).to(device)
-            for train in (True, False):
-                ours = measure(
-                    model,
-                    model,
-                    train=train,
-                    batch=setting.batch,
-                    bf16=bf16,
-                    setting=setting,
-                    device=device,
+    header = ["layout", "C", "mode", "ours img/s (batch, peak GiB)"]
+    header += ["ours compiled img/s"] if args.compile else []
+    header += [] if args.no_explicit else ["explicit img/s (batch, peak GiB)", "ratio"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
+    for layout, num_classes in configs:
+        config = PromptCAMConfig(num_classes=num_classes, layout=layout)
+        model = PromptCAM(setting.backbone, config).to(device)
+        for train in modes:
+            common = dict(train=train, setting=setting, device=device)
+            ours = measure(model, model, batch=setting.batch, bf16=bf16, **common)
+            cells = [layout, num_classes, "train" if train else "infer", _fmt(ours)]
+            if args.compile:
+                compiled = torch.compile(model)
+                cells.append(
+                    _fmt(measure(model, compiled, batch=setting.batch, bf16=bf16, **common))
                 )
+            if not args.no_explicit:
                 explicit = measure(
                     model,
                     lambda x, model=model: explicit_scores(model, x),
-                    train=train,
                     batch=setting.baseline_batch,
                     bf16=False,
-                    setting=setting,
-                    device=device,
+                    **common,
                 )
-                ratio = f"{ours / explicit:.2f}" if ours and explicit else "-"
-                cells = (
-                    layout,
-                    num_classes,
-                    "train" if train else "infer",
-                    _fmt(ours, setting.batch),
-                    _fmt(explicit, setting.baseline_batch),
-                    ratio,
+                ratio = (
+                    f"{ours.images_per_second / explicit.images_per_second:.2f}"
+                    if ours and explicit
+                    else "-"
                 )
-                print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
-            del model
+                cells += [_fmt(explicit), ratio]
+            print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
-def _fmt(value: float | None, batch: int) -> str:
-    return "out of memory" if value is None else f"{value:.1f} (batch {batch})"
+def _fmt(value: Measurement | None) -> str:
+    if value is None:
+        return "out of memory"
+    peak = "" if value.peak_gib is None else f", {value.peak_gib:.1f}"
+    return f"{value.images_per_second:.1f} ({value.batch}{peak})"
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from promptcam.model import BackboneSpec, PromptCAM, PromptCAMConfig
-from promptcam.traits import EliminationTrace, greedy_heads, greedy_heads_naive
+from promptcam.traits import EliminationTrace, EncodePrecision, greedy_heads, greedy_heads_naive
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ GPU_SETTING = Setting(
     backbone=BackboneSpec("vit_base_patch16_224"),
     img_size=224,
     num_classes=200,
-    batched_images=256,
+    batched_images=1024,
     naive_images=8,
 )
 
@@ -62,6 +62,12 @@ def timed(run: Callable[[], EliminationTrace], device: str) -> tuple[Elimination
     if device == "cuda":
         torch.cuda.synchronize()
     return trace, time.perf_counter() - start
+
+
+def same_kept_heads(a: EliminationTrace, b: EliminationTrace, kept: int) -> float:
+    """Share of images whose last ``kept`` heads in the elimination order are the same set."""
+    tail_a, tail_b = np.sort(a.order[:, -kept:], axis=1), np.sort(b.order[:, -kept:], axis=1)
+    return float((tail_a == tail_b).all(axis=1).mean())
 
 
 def main() -> None:
@@ -87,43 +93,71 @@ def main() -> None:
     ).to(device)
     with torch.inference_mode():
         targets = torch.cat([model(chunk).argmax(dim=-1) for chunk in images.split(args.batch)])
+
+    def batched(precision: EncodePrecision) -> Callable[[], EliminationTrace]:
+        def run() -> EliminationTrace:
+            return EliminationTrace.concatenate(
+                [
+                    greedy_heads(model, chunk, chunk_targets, encode_precision=precision)
+                    for chunk, chunk_targets in zip(
+                        images.split(args.batch), targets.split(args.batch), strict=True
+                    )
+                ]
+            )
+
+        return run
+
+    # (name, run, precision note); TF32 is a GPU setting for fp32 matrix products.
+    variants: list[tuple[str, EncodePrecision, bool]] = [("batched, fp32", "fp32", False)]
+    if device == "cuda":
+        variants += [
+            ("batched, fp32 with TF32", "fp32", True),
+            ("batched, bf16 encode", "bf16", False),
+        ]
     # Warm-up (kernels, allocator) on two images, not timed.
-    greedy_heads(model, images[:2], targets[:2])
+    for _, precision, _ in variants:
+        greedy_heads(model, images[:2], targets[:2], encode_precision=precision)
     greedy_heads_naive(model, images[:1], targets[:1])
 
-    def batched() -> EliminationTrace:
-        return EliminationTrace.concatenate(
-            [
-                greedy_heads(model, chunk, chunk_targets)
-                for chunk, chunk_targets in zip(
-                    images.split(args.batch), targets.split(args.batch), strict=True
-                )
-            ]
-        )
-
+    rows, traces = [], {}
+    for name, precision, tf32 in variants:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        traces[name], seconds = timed(batched(precision), device)
+        rows.append((name, len(images), seconds, "1 + last-block rows"))
+    torch.backends.cuda.matmul.allow_tf32 = False
     count = setting.naive_images
-    batched_trace, batched_seconds = timed(batched, device)
     naive_trace, naive_seconds = timed(
         lambda: greedy_heads_naive(model, images[:count], targets[:count]), device
     )
-    same = bool(np.array_equal(batched_trace.order[:count], naive_trace.order))
     heads = model.num_heads
+    rows.append(
+        ("naive, fp32 (as the reference)", count, naive_seconds, str(1 + heads * (heads + 1) // 2))
+    )
     print(
-        f"device {device}, backbone {setting.backbone.name} {dict(setting.backbone.kwargs)}, "
-        f"C {setting.num_classes}, {heads} heads, threads {torch.get_num_threads()}, fp32"
+        f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}), "
+        f"backbone {setting.backbone.name} {dict(setting.backbone.kwargs)}, "
+        f"C {setting.num_classes}, {heads} heads, threads {torch.get_num_threads()}, "
+        f"batch {args.batch}"
     )
     header = ("search", "images", "seconds", "images/s", "forwards per image")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    batched_rate = len(images) / batched_seconds
+    for name, n, seconds, forwards in rows:
+        print(f"| {name} | {n} | {seconds:.3f} | {n / seconds:.2f} | {forwards} |")
+    reference = traces["batched, fp32"]
     naive_rate = count / naive_seconds
-    rows = (
-        ("batched", len(images), batched_seconds, batched_rate, "1 + last-block rows"),
-        ("naive", count, naive_seconds, naive_rate, str(1 + heads * (heads + 1) // 2)),
-    )
-    for name, n, seconds, rate, forwards in rows:
-        print(f"| {name} | {n} | {seconds:.3f} | {rate:.2f} | {forwards} |")
-    print(f"speed-up (batched / naive images/s): {batched_rate / naive_rate:.1f}x")
-    print(f"same head order on the {count} images timed by both: {same}")
+    print(f"speed-up, batched fp32 / naive: {len(images) / rows[0][2] / naive_rate:.1f}x")
+    same = bool(np.array_equal(reference.order[:count], naive_trace.order))
+    print(f"same head order, batched fp32 vs naive, on the {count} images timed by both: {same}")
+    for name, trace in traces.items():
+        if name == "batched, fp32":
+            continue
+        order = float((trace.order == reference.order).all(axis=1).mean())
+        kept = same_kept_heads(trace, reference, kept=4)
+        print(
+            f"{name} vs batched fp32 on {len(images)} images: same full order {order:.3f}, "
+            f"same 4 kept heads {kept:.3f}"
+        )
 
 
 if __name__ == "__main__":

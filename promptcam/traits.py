@@ -73,6 +73,7 @@ __all__ = [
     "class_summary",
     "cross_class_pairs",
     "cross_class_table",
+    "encode_for_search",
     "greedy_heads",
     "greedy_heads_naive",
     "identify_traits",
@@ -94,6 +95,7 @@ LOGGER = logging.getLogger(__name__)
 StopRule = Literal["top-k", "misclassified"]
 STOP_RULES: tuple[str, ...] = ("top-k", "misclassified")
 CandidateScorer = Callable[[Tensor], Tensor]
+EncodePrecision = Literal["fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -390,18 +392,35 @@ def score_candidates(model: PromptCAM, rows: TargetRows, masks: Tensor) -> Tenso
     return scores.scatter_(2, index, target_scores)
 
 
+def encode_for_search(model: PromptCAM, images: Tensor, precision: EncodePrecision) -> Tensor:
+    """Tokens entering the last block, in fp32 whatever ``precision`` the blocks before it ran in.
+
+    ``"bf16"`` runs blocks 1..N-1 under bf16 autocast (the bulk of the cost on a GPU); the last
+    block, whose per-head outputs the greedy compares, always runs in fp32 from these tokens.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"encode precision must be 'fp32' or 'bf16', got {precision!r}")
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        tokens = model.encode_to_last_block(images)
+    return tokens.float()
+
+
 @torch.inference_mode()
 def identify_traits(
-    model: PromptCAM, images: Tensor, targets: Tensor, tie_tolerance: float = 1e-5
+    model: PromptCAM,
+    images: Tensor,
+    targets: Tensor,
+    tie_tolerance: float = 1e-5,
+    encode_precision: EncodePrecision = "fp32",
 ) -> TraitBatch:
     """Batched greedy elimination for ``images`` (B, 3, H, W) and their target classes (B,).
 
-    One forward to the last block; the target rows' per-head outputs are cached
-    (:func:`target_rows`), then each greedy step scores all images and candidate heads in one
-    call (:func:`score_candidates`).
+    One forward to the last block (:func:`encode_for_search`); the target rows' per-head
+    outputs are cached (:func:`target_rows`), then each greedy step scores all images and
+    candidate heads in one call (:func:`score_candidates`).
     """
     _require_eval(model)
-    tokens = model.encode_to_last_block(images)
+    tokens = encode_for_search(model, images, encode_precision)
     scores, attention = model.last_block_attention(tokens)
     scores = _widened(scores)
     predicted = scores.argmax(dim=-1)
@@ -423,10 +442,14 @@ def identify_traits(
 
 
 def greedy_heads(
-    model: PromptCAM, images: Tensor, targets: Tensor, tie_tolerance: float = 1e-5
+    model: PromptCAM,
+    images: Tensor,
+    targets: Tensor,
+    tie_tolerance: float = 1e-5,
+    encode_precision: EncodePrecision = "fp32",
 ) -> EliminationTrace:
     """The batched search's trace alone; see :func:`identify_traits`."""
-    return identify_traits(model, images, targets, tie_tolerance).trace
+    return identify_traits(model, images, targets, tie_tolerance, encode_precision).trace
 
 
 def _full_forward_blurred(model: PromptCAM, image: Tensor, target: int, blurred: Tensor) -> Tensor:
@@ -841,6 +864,7 @@ class TraitRunConfig:
     """
 
     greedy: GreedyConfig = GreedyConfig()
+    encode_precision: EncodePrecision = "fp32"
     batch_size: int = 32
     num_workers: int = 0
     threads: int = 1
@@ -858,6 +882,7 @@ class TraitRunConfig:
                 top_traits=int(values.get("top_traits", 4)),
                 tie_tolerance=float(values.get("tie_tolerance", 1e-5)),
             ),
+            encode_precision=values.get("encode_precision", "fp32"),
             batch_size=int(values.get("batch_size", 32)),
             num_workers=int(values.get("num_workers", 0)),
             threads=int(values.get("threads", 1)),
@@ -902,8 +927,9 @@ def run_rank_traits(
 
     ``outputs`` keys: ``table`` (traits.parquet), ``maps`` (trait_maps.npz), ``summary``
     (trait_summary.tsv), ``summary_maps`` (trait_summary.npz), ``cross_class``
-    (cross_class.tsv), ``cross_class_maps`` (cross_class.npz). Runs in fp32: reduced precision
-    would blur the score differences the greedy ranks heads by.
+    (cross_class.tsv), ``cross_class_maps`` (cross_class.npz). The last block runs in fp32:
+    reduced precision would blur the score differences the greedy ranks heads by; the blocks
+    before it run in ``config.encode_precision``.
     """
     from promptcam.model import load_checkpoint
 
@@ -924,7 +950,11 @@ def run_rank_traits(
     start = time.perf_counter()
     for images, labels, batch_meta in loader:
         result = identify_traits(
-            model, images.to(device), labels.to(device), config.greedy.tie_tolerance
+            model,
+            images.to(device),
+            labels.to(device),
+            config.greedy.tie_tolerance,
+            config.encode_precision,
         )
         cross.update(labels, result.scores, result.attention)
         image_ids.extend(batch_meta["sample_id"])

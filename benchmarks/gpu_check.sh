@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every GPU-side check and benchmark in one run, for a GPU machine lent for a few minutes:
+#
+#   bash benchmarks/gpu_check.sh            # logs under $OUT (or ./gpu_out)
+#
+# Sections run one after the other, each under its own time limit, most important first; each
+# writes its log as it goes, so a section cut short still leaves what it measured. Wheels in
+# .whl/ (webdataset, braceexpand, ete3, timm: what the GPU image may lack) are installed first.
+set -u
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
+
+section() {
+    local name=$1 limit=$2 start
+    shift 2
+    start=$(date +%s)
+    echo "=== $name (limit ${limit} s): $*"
+    timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    echo "=== $name: exit ${PIPESTATUS[0]} after $(($(date +%s) - start)) s"
+}
+
+section env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
+    nproc; python3 -c "import sys, torch, timm, webdataset, ete3;
+print(sys.version.split()[0], torch.__version__, torch.version.cuda, timm.__version__,
+      torch.cuda.get_device_name(), torch.backends.cuda.flash_sdp_enabled())"'
+section model 170 python3 benchmarks/bench_model.py --full
+section traits 60 python3 benchmarks/bench_traits.py --full --batch 256
+section compile 120 python3 benchmarks/bench_model.py --full --compile --no-explicit \
+    --modes train --only reference:200,scalable:10000
+section loader 70 python3 benchmarks/bench_loader.py --image-size 256 --img-size 224 \
+    --batch-size 128 --workers 14 --images-per-species 150 --steps 10 --threads 2 \
+    --backbone vit_base_patch16_224
+section demo 100 python3 benchmarks/gpu_demo.py --ranks species --workers 8
