@@ -113,13 +113,21 @@ def measure(
     bf16: bool,
     setting: Setting,
     device: str,
+    profile: bool = False,
 ) -> Measurement | None:
     """Images/s at ``batch``, or at the largest of batch / 4, batch / 16 that fits in memory;
-    None when even that runs out of memory."""
+    None when even that runs out of memory. ``profile`` prints the kernels of two more steps."""
     while batch >= 8:
         try:
             return _measure_at(
-                model, forward, train=train, batch=batch, bf16=bf16, setting=setting, device=device
+                model,
+                forward,
+                train=train,
+                batch=batch,
+                bf16=bf16,
+                setting=setting,
+                device=device,
+                profile=profile,
             )
         except torch.OutOfMemoryError:
             batch //= 4
@@ -135,6 +143,7 @@ def _measure_at(
     bf16: bool,
     setting: Setting,
     device: str,
+    profile: bool,
 ) -> Measurement:
     images = torch.randn(batch, 3, setting.img_size, setting.img_size, device=device)
     labels = torch.randint(model.num_classes, (batch,), device=device)
@@ -158,11 +167,27 @@ def _measure_at(
     try:
         rate = images_per_second(step, batch, setting, device)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        if profile:
+            print_profile(step, device)
         return Measurement(rate, batch, peak)
     finally:
         optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.empty_cache()
+
+
+def print_profile(step: Callable[[], None], device: str, steps: int = 2, rows: int = 15) -> None:
+    """The operators taking the most device time over ``steps`` steps."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=rows), flush=True)
 
 
 def main() -> None:
@@ -175,6 +200,7 @@ def main() -> None:
     parser.add_argument("--modes", default="train,infer", help="train, infer or both")
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     parser.add_argument("--no-explicit", action="store_true", help="skip the explicit baseline")
+    parser.add_argument("--profile", action="store_true", help="print ours' top operators")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,7 +231,9 @@ def main() -> None:
         model = PromptCAM(setting.backbone, config).to(device)
         for train in modes:
             common = dict(train=train, setting=setting, device=device)
-            ours = measure(model, model, batch=setting.batch, bf16=bf16, **common)
+            ours = measure(
+                model, model, batch=setting.batch, bf16=bf16, profile=args.profile, **common
+            )
             cells = [layout, num_classes, "train" if train else "infer", _fmt(ours)]
             if args.compile:
                 compiled = torch.compile(model)

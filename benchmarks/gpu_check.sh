@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU-side check and benchmark in one run, for a GPU machine lent for a few minutes:
 #
-#   bash benchmarks/gpu_check.sh            # logs under $OUT (or ./gpu_out)
+#   bash benchmarks/gpu_check.sh [SECTION...]   # logs under $OUT (or ./gpu_out)
+#
+# SECTION: env model traits compile loader demo profile (default: all, in this order).
 #
 # Sections run one after the other, each under its own time limit, most important first; each
 # writes its log as it goes, so a section cut short still leaves what it measured. Wheels in
@@ -13,6 +15,8 @@ export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
+    # pip --target keeps only ete3/tools of the ete3 wheel: unpack it whole.
+    for wheel in .whl/ete3-*.whl; do python3 -m zipfile -e "$wheel" /tmp/site; done
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
@@ -26,15 +30,22 @@ section() {
     echo "=== $name: exit ${PIPESTATUS[0]} after $(($(date +%s) - start)) s"
 }
 
-section env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
+wanted=" ${*:-env model traits compile loader demo profile} "
+run() {  # run NAME LIMIT COMMAND... when NAME was asked for
+    [[ $wanted == *" $1 "* ]] && section "$@"
+}
+
+run env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv;
     nproc; python3 -c "import sys, torch, timm, webdataset, ete3;
 print(sys.version.split()[0], torch.__version__, torch.version.cuda, timm.__version__,
       torch.cuda.get_device_name(), torch.backends.cuda.flash_sdp_enabled())"'
-section model 170 python3 benchmarks/bench_model.py --full
-section traits 60 python3 benchmarks/bench_traits.py --full --batch 256
-section compile 120 python3 benchmarks/bench_model.py --full --compile --no-explicit \
+run model 170 python3 benchmarks/bench_model.py --full
+run traits 60 python3 benchmarks/bench_traits.py --full --batch 256
+run compile 120 python3 benchmarks/bench_model.py --full --compile --no-explicit \
     --modes train --only reference:200,scalable:10000
-section loader 70 python3 benchmarks/bench_loader.py --image-size 256 --img-size 224 \
+run loader 70 python3 benchmarks/bench_loader.py --image-size 256 --img-size 224 \
     --batch-size 128 --workers 14 --images-per-species 150 --steps 10 --threads 2 \
     --backbone vit_base_patch16_224
-section demo 100 python3 benchmarks/gpu_demo.py --ranks species --workers 8
+run demo 100 python3 benchmarks/gpu_demo.py --ranks species --workers 8
+run profile 60 python3 benchmarks/bench_model.py --full --no-explicit --modes train \
+    --only scalable:10000 --profile

@@ -492,7 +492,7 @@ def greedy_heads_naive(
             blurred[candidates[pick]] = True
             trace["order"][index, step] = candidates[pick]
             trace["scores"][index, step] = float(
-                _target_probability(scores[pick], torch.tensor(target))
+                _target_probability(scores[pick], torch.tensor(target, device=scores.device))
             )
             trace["step_predicted"][index, step] = int(scores[pick].argmax())
     return EliminationTrace(**trace)

@@ -13,12 +13,13 @@ def main() -> None:
     transform = settings.pop("transform")
     # The job's cores: loader worker processes, the rest for torch's own threads.
     threads = max(1, snakemake.threads - settings["num_workers"])
-    # Where it runs and how often it reports are read from the config, not params, so that
+    # Where and how it runs and how often it reports are read from the config, not params, so that
     # changing them does not retrain anything.
     runtime = {
         "threads": threads,
         "device": snakemake.config["train"]["device"],
         "progress_seconds": snakemake.config["train"]["progress_seconds"],
+        "compile": snakemake.config["train"]["compile"],
     }
     config = TrainConfig.from_dict({**settings, **runtime})
     with job_log(snakemake.log[0], "training"):

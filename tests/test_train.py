@@ -280,6 +280,31 @@ def test_resume_after_kill_is_bit_identical(
     )
 
 
+@pytest.mark.slow
+def test_compiled_training_gives_the_eager_result(tiny: SimpleNamespace, tmp_path: Path) -> None:
+    # No dropout: compiled code draws its random masks differently from eager code.
+    deterministic = {**SCALABLE, "prompt_dropout": 0.0}
+    eager = train(tiny, tmp_path / "eager", small_config(epochs=2), model_config=deterministic)
+    compiled = train(
+        tiny,
+        tmp_path / "compiled",
+        small_config(epochs=2, compile=True),
+        model_config=deterministic,
+    )
+    eager_tensors, compiled_tensors = checkpoint_tensors(eager), checkpoint_tensors(compiled)
+    # The checkpoint holds the module's own names, not the compiled wrapper's.
+    assert compiled_tensors.keys() == eager_tensors.keys()
+    for name, tensor in eager_tensors.items():
+        torch.testing.assert_close(compiled_tensors[name], tensor, rtol=1e-4, atol=1e-5)
+    # Another learning rate lands outside that tolerance: the comparison can fail.
+    other = train(
+        tiny, tmp_path / "other", small_config(epochs=2, lr=0.5), model_config=deterministic
+    )
+    assert not torch.allclose(
+        checkpoint_tensors(other)["head.weight"], eager_tensors["head.weight"], 1e-4, 1e-5
+    )
+
+
 def test_state_of_other_settings_is_not_resumed(tiny: SimpleNamespace, tmp_path: Path) -> None:
     fresh = train(tiny, tmp_path / "fresh", small_config(epochs=2))
     out = tmp_path / "stale"
