@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh [SECTION...]   # logs under $OUT (or ./gpu_out)
 #
-# SECTION: env model traits compile loader demo profile (default: all, in this order).
+# SECTION: env model traits compile loader demo profile gradcheck variants (default: the
+# first seven, in this order).
 #
 # Sections run one after the other, each under its own time limit, most important first; each
 # writes its log as it goes, so a section cut short still leaves what it measured. Wheels in
@@ -47,5 +48,11 @@ run loader 70 python3 benchmarks/bench_loader.py --image-size 256 --img-size 224
     --batch-size 128 --workers 14 --images-per-species 150 --steps 10 --threads 2 \
     --backbone vit_base_patch16_224
 run demo 100 python3 benchmarks/gpu_demo.py --ranks species --workers 8
+# Needs a trained demo checkpoint and its shards (snakemake --cores 8 results/species/eval.json)
+# carried to the GPU machine.
+run gradcheck 60 python3 benchmarks/gpu_grad_check.py results/species/model.pt results/shards \
+    species
+run variants 150 python3 benchmarks/gpu_demo.py --ranks species --workers 8 \
+    --variants bf16,fp32,bf16-no-cudnn
 run profile 60 python3 benchmarks/bench_model.py --full --no-explicit --modes train \
     --only scalable:10000 --profile

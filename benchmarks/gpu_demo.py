@@ -13,15 +13,17 @@ machine that has only the library's dependencies.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import yaml
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from promptcam.demo import DemoConfig, generate_demo_dataset
 from promptcam.evaluate import EvalConfig, evaluate_rank
@@ -33,6 +35,14 @@ from promptcam.traits import TraitRunConfig, run_rank_traits
 
 T = TypeVar("T")
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
+# Training variants: how SDPA may run while training.
+VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "bf16": contextlib.nullcontext,
+    "fp32": contextlib.nullcontext,
+    "bf16-no-cudnn": lambda: sdpa_kernel(
+        [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    ),
+}
 OUTPUT_SUFFIXES = {
     "table": ".parquet",
     "maps": ".npz",
@@ -57,11 +67,83 @@ def timed(seconds: dict[str, float], name: str, run: Callable[[], T]) -> T:
     return result
 
 
+def run_variant(
+    work: Path,
+    shards: Path,
+    config: dict[str, Any],
+    rank: str,
+    variant: str,
+    device: str,
+    seconds: dict[str, float],
+) -> tuple[str, float, float, float]:
+    """Train, evaluate and search traits for one rank in one training variant; returns
+    (name, top-1, linear-probe top-1, share of images with the same kept heads in bf16 and
+    fp32 trait search)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+    settings = {**config["train"]["defaults"], "threads": 4, "device": device}
+    model_config, transform = settings.pop("model"), settings.pop("transform")
+    train_config = TrainConfig.from_dict({**settings, "mixed_precision": variant != "fp32"})
+    name, out = f"{rank}, {variant}", work / "results" / rank / variant
+    with VARIANTS[variant]():
+        checkpoint = timed(
+            seconds,
+            f"{name}: train",
+            lambda: train_rank(
+                shards_dir=shards,
+                rank=rank,
+                labels_tsv=work / "data" / "labels" / f"{rank}.tsv",
+                backbone=config["backbone"],
+                model_config=model_config,
+                train_config=train_config,
+                out_dir=out,
+                transform=transform,
+            ),
+        )
+    evaluation = timed(
+        seconds,
+        f"{name}: evaluate",
+        lambda: evaluate_rank(
+            shards_dir=shards,
+            rank=rank,
+            checkpoint=checkpoint,
+            out_json=out / "eval.json",
+            out_confusion=out / "confusion.tsv",
+            config=EvalConfig.from_dict({**config["evaluate"], "device": device}),
+        ),
+    )
+    kept = {}
+    for precision in ("fp32", "bf16"):
+        outputs = {
+            output: out / f"{precision}_{output}{suffix}"
+            for output, suffix in OUTPUT_SUFFIXES.items()
+        }
+        traits = TraitRunConfig.from_dict(
+            {**config["traits"], "device": device, "encode_precision": precision}, rank
+        )
+        table = timed(
+            seconds,
+            f"{name}: traits, {precision} encode",
+            lambda traits=traits, outputs=outputs: run_rank_traits(
+                checkpoint=checkpoint, shards_dir=shards, rank=rank, outputs=outputs, config=traits
+            ),
+        )
+        kept[precision] = table[table["kept"]].groupby("image")["head"].apply(frozenset)
+    same = float(np.mean([kept["fp32"][i] == kept["bf16"][i] for i in kept["fp32"].index]))
+    return name, evaluation["top1"], evaluation["linear_probe_top1"], same
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--ranks", default=None, help="default: every level of the config")
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument(
+        "--variants",
+        default="bf16",
+        help="comma-separated training variants: bf16 (the default path), fp32 (autocast off), "
+        "bf16-no-cudnn (SDPA without its cuDNN backend)",
+    )
     args = parser.parse_args()
     config = yaml.safe_load(CONFIG.read_text())
     levels = tuple(config["levels"])
@@ -102,70 +184,17 @@ def main() -> None:
                 workers=args.workers,
             ),
         )
-        settings = dict(config["train"]["defaults"])
-        model_config, transform = settings.pop("model"), settings.pop("transform")
-        train_config = TrainConfig.from_dict({**settings, "threads": 4, "device": device})
         rows = []
         for rank in ranks:
-            out = work / "results" / rank
-            checkpoint = timed(
-                seconds,
-                f"{rank}: train",
-                lambda rank=rank, out=out: train_rank(
-                    shards_dir=shards,
-                    rank=rank,
-                    labels_tsv=work / "data" / "labels" / f"{rank}.tsv",
-                    backbone=config["backbone"],
-                    model_config=model_config,
-                    train_config=train_config,
-                    out_dir=out,
-                    transform=transform,
-                ),
-            )
-            evaluation = timed(
-                seconds,
-                f"{rank}: evaluate",
-                lambda rank=rank, out=out, checkpoint=checkpoint: evaluate_rank(
-                    shards_dir=shards,
-                    rank=rank,
-                    checkpoint=checkpoint,
-                    out_json=out / "eval.json",
-                    out_confusion=out / "confusion.tsv",
-                    config=EvalConfig.from_dict({**config["evaluate"], "device": device}),
-                ),
-            )
-            tables = {}
-            for precision in ("fp32", "bf16"):
-                outputs = {
-                    name: out / f"{precision}_{name}{suffix}"
-                    for name, suffix in OUTPUT_SUFFIXES.items()
-                }
-                traits = TraitRunConfig.from_dict(
-                    {**config["traits"], "device": device, "encode_precision": precision}, rank
-                )
-                tables[precision] = timed(
-                    seconds,
-                    f"{rank}: traits, {precision} encode",
-                    lambda checkpoint=checkpoint, traits=traits, outputs=outputs, rank=rank: (
-                        run_rank_traits(
-                            checkpoint=checkpoint,
-                            shards_dir=shards,
-                            rank=rank,
-                            outputs=outputs,
-                            config=traits,
-                        )
-                    ),
-                )
-            kept = {
-                p: t[t["kept"]].groupby("image")["head"].apply(frozenset) for p, t in tables.items()
-            }
-            same = float(np.mean([kept["fp32"][i] == kept["bf16"][i] for i in kept["fp32"].index]))
-            rows.append((rank, evaluation["top1"], evaluation["linear_probe_top1"], same))
+            for variant in args.variants.split(","):
+                rows.append(run_variant(work, shards, config, rank, variant, device, seconds))
     print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'})")
     print("| stage | seconds |\n|---|---:|")
     for name, value in seconds.items():
         print(f"| {name} | {value:.1f} |")
-    print("\n| rank | Prompt-CAM top-1 | linear probe top-1 | same kept heads, bf16 vs fp32 |")
+    print(
+        "\n| rank, training | Prompt-CAM top-1 | linear probe top-1 | same kept heads, bf16 vs fp32 |"
+    )
     print("|---|---:|---:|---:|")
     for rank, top1, probe, same in rows:
         print(f"| {rank} | {top1:.3f} | {probe:.3f} | {same:.3f} |")

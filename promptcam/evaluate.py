@@ -76,9 +76,12 @@ class EvalConfig:
         return cls(**values, linear_probe=probe)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a GPU (the model's attention is fused SDPA); plain fp32 on the CPU."""
-    if device.type == "cuda":
+def autocast(
+    device: torch.device, mixed_precision: bool = True
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast on a GPU (the model's attention is fused SDPA) unless ``mixed_precision``
+    is off; plain fp32 on the CPU."""
+    if device.type == "cuda" and mixed_precision:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -90,7 +90,7 @@ LOGGER = logging.getLogger(__name__)
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "seconds")
 STATE_FORMAT = "promptcam-train-state/1"
 # Settings that change where the computation runs or how it reports, not its result.
-_NOT_FINGERPRINTED = ("device", "threads", "progress_seconds", "compile")
+_NOT_FINGERPRINTED = ("device", "threads", "progress_seconds", "compile", "mixed_precision")
 DEMO_BACKBONE_NAME = "demo"
 
 
@@ -113,6 +113,8 @@ class TrainConfig:
     progress_seconds: float = 5.0
     # torch.compile the training forward: on an H100, 1.4x the images/s (benchmarks/RESULTS.md).
     compile: bool = False
+    # bf16 autocast on a GPU; off: fp32 there too.
+    mixed_precision: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -231,7 +233,7 @@ def train_one_epoch(
         lr = learning_rate(epoch + seen / samples_per_epoch, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with autocast(device):
+        with autocast(device, config.mixed_precision):
             scores = model(images)
         loss = F.cross_entropy(scores.float(), labels)
         optimizer.zero_grad(set_to_none=True)
