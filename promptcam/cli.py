@@ -199,6 +199,12 @@ def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep --top-traits heads (the reference) or blur until misclassified (the paper)",
     )
     parser.add_argument("--top-traits", type=int, default=4, help="heads kept by --stop top-k")
+    parser.add_argument(
+        "--encode-precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="blocks before the last (always fp32); auto: bf16 on a GPU, fp32 on a CPU",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     _add_checkpoint_runtime_arguments(parser)
 
@@ -214,6 +220,7 @@ def _run_traits(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         backbone_weights=args.backbone_weights,
+        encode_precision=args.encode_precision,
     )
     return 0
 

@@ -95,7 +95,7 @@ LOGGER = logging.getLogger(__name__)
 StopRule = Literal["top-k", "misclassified"]
 STOP_RULES: tuple[str, ...] = ("top-k", "misclassified")
 CandidateScorer = Callable[[Tensor], Tensor]
-EncodePrecision = Literal["fp32", "bf16"]
+EncodePrecision = Literal["fp32", "bf16", "auto"]
 
 
 @dataclass(frozen=True)
@@ -393,16 +393,20 @@ def score_candidates(model: PromptCAM, rows: TargetRows, masks: Tensor) -> Tenso
 
 
 def encode_for_search(model: PromptCAM, images: Tensor, precision: EncodePrecision) -> Tensor:
-    """Tokens entering the last block, in fp32 whatever ``precision`` the blocks before it ran in.
+    """Tokens entering the last block, in the model's dtype whatever ``precision`` the blocks before
+    it ran in.
 
     ``"bf16"`` runs blocks 1..N-1 under bf16 autocast (the bulk of the cost on a GPU); the last
     block, whose per-head outputs the greedy compares, always runs in fp32 from these tokens.
+    ``"auto"``: bf16 on a GPU, fp32 elsewhere (where bf16 saves nothing).
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"encode precision must be 'fp32' or 'bf16', got {precision!r}")
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"encode precision must be fp32, bf16 or auto, got {precision!r}")
+    device = images.device.type
+    bf16 = precision == "bf16" or (precision == "auto" and device == "cuda")
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         tokens = model.encode_to_last_block(images)
-    return tokens.float()
+    return tokens.float() if bf16 else tokens
 
 
 @torch.inference_mode()
@@ -807,6 +811,7 @@ def traits_for_images(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     backbone_weights: str | os.PathLike | None = None,
+    encode_precision: EncodePrecision = "auto",
 ) -> pd.DataFrame:
     """Greedy search for each image's *predicted* class; writes and returns one row per image
     and head: ``image``, ``predicted`` (label), ``head``, ``removal_step`` (0 for the first head
@@ -828,7 +833,9 @@ def traits_for_images(
         )
         with torch.inference_mode():
             predicted = model(images).float().argmax(dim=-1)
-        traces.append(greedy_heads(model, images, predicted, config.tie_tolerance))
+        traces.append(
+            greedy_heads(model, images, predicted, config.tie_tolerance, encode_precision)
+        )
     search = stop_search(EliminationTrace.concatenate(traces), config)
     table = search_table(search, names, meta.label_names)
     table = table.rename(columns={"predicted": "predicted_index", "predicted_label": "predicted"})
@@ -864,7 +871,7 @@ class TraitRunConfig:
     """
 
     greedy: GreedyConfig = GreedyConfig()
-    encode_precision: EncodePrecision = "fp32"
+    encode_precision: EncodePrecision = "auto"
     batch_size: int = 32
     num_workers: int = 0
     threads: int = 1
@@ -882,7 +889,7 @@ class TraitRunConfig:
                 top_traits=int(values.get("top_traits", 4)),
                 tie_tolerance=float(values.get("tie_tolerance", 1e-5)),
             ),
-            encode_precision=values.get("encode_precision", "fp32"),
+            encode_precision=values.get("encode_precision", "auto"),
             batch_size=int(values.get("batch_size", 32)),
             num_workers=int(values.get("num_workers", 0)),
             threads=int(values.get("threads", 1)),

@@ -17,6 +17,7 @@ from promptcam.traits import (
     class_summary,
     cross_class_pairs,
     cross_class_table,
+    encode_for_search,
     greedy_heads,
     greedy_heads_naive,
     identify_traits,
@@ -275,6 +276,25 @@ def test_identify_traits_returns_the_targets_maps() -> None:
     result = identify_traits(model, images, targets)
     _, attention = model.forward_with_attention(images)
     torch.testing.assert_close(result.target_maps(), attention[torch.arange(3), :, targets])
+
+
+def test_encode_precision_rounds_only_the_blocks_before_the_last() -> None:
+    model = random_model(2, num_heads=4)
+    images = random_images(6, 2)
+    exact = model.encode_to_last_block(images)
+    with torch.no_grad():
+        bf16 = encode_for_search(model, images, "bf16")
+        # auto is fp32 off a GPU.
+        torch.testing.assert_close(encode_for_search(model, images, "auto"), exact, rtol=0, atol=0)
+    # The last block's input is fp32 and near, not equal, to the fp32 one.
+    assert bf16.dtype == torch.float32
+    assert not torch.equal(bf16, exact)
+    torch.testing.assert_close(bf16, exact, rtol=0.05, atol=0.05)
+    targets = model(images).argmax(dim=-1)
+    trace = greedy_heads(model, images, targets, encode_precision="bf16")
+    assert sorted(trace.order[0].tolist()) == list(range(model.num_heads))
+    with pytest.raises(ValueError, match="fp32, bf16 or auto"):
+        encode_for_search(model, images, "fp16")
 
 
 def test_cross_class_pairs_from_config_and_siblings() -> None:
