@@ -20,6 +20,7 @@ def main() -> None:
         "device": snakemake.config["train"]["device"],
         "progress_seconds": snakemake.config["train"]["progress_seconds"],
         "compile": snakemake.config["train"]["compile"],
+        "mixed_precision": snakemake.config["train"]["mixed_precision"],
     }
     config = TrainConfig.from_dict({**settings, **runtime})
     with job_log(snakemake.log[0], "training"):

@@ -37,7 +37,8 @@ DEMO_DEPARTURES = {
             "batch_size": 32,
             "lr": 0.05,
             "model": {"layout": "scalable", "num_agnostic_prompts": 0, "drop_path_rate": 0.0},
-        }
+        },
+        "ranks": {"species": {"epochs": 40}},
     },
     "evaluate": {"linear_probe": {"pool": "mean"}},
     "traits": {"fidelity": {"max_images": 48}},
@@ -47,7 +48,7 @@ DEMO_DEPARTURES = {
 def _merged(base: dict, overrides: dict) -> dict:
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) else value
+        out[key] = _merged(out.get(key, {}), value) if isinstance(value, dict) else value
     return out
 
 

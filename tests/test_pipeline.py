@@ -186,7 +186,9 @@ def test_editing_one_ranks_settings_reruns_that_rank_only(tiny_run, repo_root, r
     # genus trains one epoch more: genus and everything downstream of its model rerun.
     config["train"]["ranks"] = {"genus": {"epochs": 3}}
     # Where and how jobs run is not a rerun trigger.
-    config["train"].update(device="auto", progress_seconds=11, threads=2, compile=True)
+    config["train"].update(
+        device="auto", progress_seconds=11, threads=2, compile=True, mixed_precision=False
+    )
     config["traits"].update(device="auto", threads=2)
     config["traits"]["fidelity"]["device"] = "auto"
     edited = workdir / "genus_edited.yaml"

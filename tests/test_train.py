@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,6 +26,7 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
 import promptcam.train as train_module
+from promptcam.evaluate import autocast
 from promptcam.io import sha256_file
 from promptcam.metadata import MetadataSpec, prepare_metadata
 from promptcam.model import load_checkpoint
@@ -278,6 +280,15 @@ def test_resume_after_kill_is_bit_identical(
     assert not torch.equal(
         checkpoint_tensors(other)["head.weight"], checkpoint_tensors(resumed)["head.weight"]
     )
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_mixed_precision_is_bf16_autocast_on_a_gpu_only() -> None:
+    gpu = autocast(torch.device("cuda"))
+    assert isinstance(gpu, torch.autocast)
+    assert (gpu.device, gpu.fast_dtype) == ("cuda", torch.bfloat16)
+    assert isinstance(autocast(torch.device("cuda"), mixed_precision=False), nullcontext)
+    assert isinstance(autocast(torch.device("cpu")), nullcontext)
 
 
 @pytest.mark.slow
