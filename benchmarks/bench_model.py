@@ -16,6 +16,7 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -105,30 +106,13 @@ class Measurement:
 
 
 def measure(
-    model: PromptCAM,
-    forward: Callable[[Tensor], Tensor],
-    *,
-    train: bool,
-    batch: int,
-    bf16: bool,
-    setting: Setting,
-    device: str,
-    profile: bool = False,
+    model: PromptCAM, forward: Callable[[Tensor], Tensor], *, batch: int, **settings: Any
 ) -> Measurement | None:
     """Images/s at ``batch``, or at the largest of batch / 4, batch / 16 that fits in memory;
-    None when even that runs out of memory. ``profile`` prints the kernels of two more steps."""
+    None when even that runs out of memory. ``settings``: the rest of :func:`_measure_at`'s."""
     while batch >= 8:
         try:
-            return _measure_at(
-                model,
-                forward,
-                train=train,
-                batch=batch,
-                bf16=bf16,
-                setting=setting,
-                device=device,
-                profile=profile,
-            )
+            return _measure_at(model, forward, batch=batch, **settings)
         except torch.OutOfMemoryError:
             batch //= 4
     return None
@@ -143,8 +127,9 @@ def _measure_at(
     bf16: bool,
     setting: Setting,
     device: str,
-    profile: bool,
+    profile: bool = False,
 ) -> Measurement:
+    """``profile`` also prints the kernels of two more steps."""
     images = torch.randn(batch, 3, setting.img_size, setting.img_size, device=device)
     labels = torch.randint(model.num_classes, (batch,), device=device)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -1,12 +1,15 @@
 """The default demo, every rank, on a GPU: the pipeline's library calls without Snakemake.
 
     python benchmarks/gpu_demo.py [--out DIR] [--ranks family,genus,species]
+    python benchmarks/gpu_demo.py --ranks species --seeds 0,1,2,3 --train '{"epochs": 20}'
 
 Generates the demo of ``config/config.yaml``, writes its metadata and shards, then per rank
 trains Prompt-CAM (bf16 autocast, fused attention), evaluates it on the test split and runs
 the greedy trait search twice: blocks 1..N-1 in fp32 and in bf16 (the last block is fp32 in
-both), reporting how often the two keep the same heads. One run; prints a table of seconds
-per stage and the accuracies. Snakemake itself is not needed, so the script runs on a GPU
+both), reporting how often the two keep the same heads. ``--seeds`` repeats each rank's training
+with other seeds, ``--train`` overrides its settings (JSON, merged into the rank's
+``train`` settings of the config). One run; prints a table of seconds per stage and the
+accuracies; runs on a CPU too. Snakemake itself is not needed, so the script runs on a GPU
 machine that has only the library's dependencies.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from promptcam.demo import DemoConfig, generate_demo_dataset
 from promptcam.evaluate import EvalConfig, evaluate_rank
 from promptcam.metadata import MetadataSpec, prepare_metadata
+from promptcam.settings import merged, rank_train_settings
 from promptcam.shards import ShardConfig, write_shards
 from promptcam.splits import SplitConfig
 from promptcam.train import TrainConfig, train_rank
@@ -75,16 +80,19 @@ def run_variant(
     variant: str,
     device: str,
     seconds: dict[str, float],
+    overrides: dict[str, Any],
 ) -> tuple[str, float, float, float]:
     """Train, evaluate and search traits for one rank in one training variant; returns
     (name, top-1, linear-probe top-1, share of images with the same kept heads in bf16 and
     fp32 trait search)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
-    settings = {**config["train"]["defaults"], "threads": 4, "device": device}
+    settings = merged(rank_train_settings(config["train"], rank, config["levels"]), overrides)
     model_config, transform = settings.pop("model"), settings.pop("transform")
-    train_config = TrainConfig.from_dict({**settings, "mixed_precision": variant != "fp32"})
-    name, out = f"{rank}, {variant}", work / "results" / rank / variant
+    runtime = {"threads": 4, "device": device, "mixed_precision": variant != "fp32"}
+    train_config = TrainConfig.from_dict({**settings, **runtime})
+    tag = f"{variant}, seed {train_config.seed}"
+    name, out = f"{rank}, {tag}", work / "results" / rank / tag.replace(", ", "_")
     with VARIANTS[variant]():
         checkpoint = timed(
             seconds,
@@ -144,10 +152,15 @@ def main() -> None:
         help="comma-separated training variants: bf16 (the default path), fp32 (autocast off), "
         "bf16-no-cudnn (SDPA without its cuDNN backend)",
     )
+    parser.add_argument("--seeds", default=None, help="comma-separated; default: the config's")
+    parser.add_argument(
+        "--train", default="{}", help="JSON training overrides, e.g. '{\"epochs\": 20}'"
+    )
     args = parser.parse_args()
     config = yaml.safe_load(CONFIG.read_text())
     levels = tuple(config["levels"])
     ranks = args.ranks.split(",") if args.ranks else list(levels)
+    seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [None]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         work = args.out or Path(tmp)
@@ -187,13 +200,20 @@ def main() -> None:
         rows = []
         for rank in ranks:
             for variant in args.variants.split(","):
-                rows.append(run_variant(work, shards, config, rank, variant, device, seconds))
+                for seed in seeds:
+                    overrides = {
+                        **json.loads(args.train),
+                        **({} if seed is None else {"seed": seed}),
+                    }
+                    rows.append(
+                        run_variant(work, shards, config, rank, variant, device, seconds, overrides)
+                    )
     print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'cpu'})")
     print("| stage | seconds |\n|---|---:|")
     for name, value in seconds.items():
         print(f"| {name} | {value:.1f} |")
     print(
-        "\n| rank, training | Prompt-CAM top-1 | linear probe top-1 | same kept heads, bf16 vs fp32 |"
+        "\n| rank, training, seed | Prompt-CAM top-1 | linear probe top-1 | same kept heads, bf16 vs fp32 |"
     )
     print("|---|---:|---:|---:|")
     for rank, top1, probe, same in rows:

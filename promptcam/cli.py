@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from promptcam.settings import ENCODE_PRECISIONS
+
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
 
@@ -201,7 +203,7 @@ def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-traits", type=int, default=4, help="heads kept by --stop top-k")
     parser.add_argument(
         "--encode-precision",
-        choices=("auto", "fp32", "bf16"),
+        choices=ENCODE_PRECISIONS,
         default="auto",
         help="blocks before the last (always fp32); auto: bf16 on a GPU, fp32 on a CPU",
     )

@@ -214,7 +214,7 @@ class EpochStats:
 
 
 def train_one_epoch(
-    model: PromptCAM | nn.Module,
+    model: nn.Module,
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     *,

@@ -61,8 +61,10 @@ from torch.utils.data import DataLoader
 
 from promptcam.io import atomic_open, atomic_path
 from promptcam.model import Preprocessing, PromptCAM, resolve_device
+from promptcam.settings import ENCODE_PRECISIONS, EncodePrecision
 
 __all__ = [
+    "ENCODE_PRECISIONS",
     "STOP_RULES",
     "CrossClassAccumulator",
     "EliminationTrace",
@@ -95,7 +97,6 @@ LOGGER = logging.getLogger(__name__)
 StopRule = Literal["top-k", "misclassified"]
 STOP_RULES: tuple[str, ...] = ("top-k", "misclassified")
 CandidateScorer = Callable[[Tensor], Tensor]
-EncodePrecision = Literal["fp32", "bf16", "auto"]
 
 
 @dataclass(frozen=True)
@@ -400,8 +401,8 @@ def encode_for_search(model: PromptCAM, images: Tensor, precision: EncodePrecisi
     block, whose per-head outputs the greedy compares, always runs in fp32 from these tokens.
     ``"auto"``: bf16 on a GPU, fp32 elsewhere (where bf16 saves nothing).
     """
-    if precision not in ("fp32", "bf16", "auto"):
-        raise ValueError(f"encode precision must be fp32, bf16 or auto, got {precision!r}")
+    if precision not in ENCODE_PRECISIONS:
+        raise ValueError(f"encode precision must be one of {ENCODE_PRECISIONS}, got {precision!r}")
     device = images.device.type
     bf16 = precision == "bf16" or (precision == "auto" and device == "cuda")
     with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):

@@ -15,6 +15,7 @@ from snakemake_interface_common.exceptions import WorkflowError
 
 from promptcam.demo import DemoConfig, generate_demo_dataset
 from promptcam.io import sha256_file
+from promptcam.settings import merged, rank_train_settings
 from promptcam.taxonomy import classes_at_rank, load_taxonomy
 
 TINY = DemoConfig(
@@ -45,21 +46,30 @@ DEMO_DEPARTURES = {
 }
 
 
-def _merged(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = _merged(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
-
 def test_schema_defaults_are_the_shipped_config(repo_root):
     config: dict = {}
     validate(config, schema(repo_root))
     shipped = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
-    assert _merged(config, DEMO_DEPARTURES) == shipped
+    assert merged(config, DEMO_DEPARTURES) == shipped
     for name in ("demo_small.yaml", "pipeline_tiny.yaml"):
         test_config = yaml.safe_load((repo_root / "tests" / "configs" / name).read_text())
         validate(test_config, schema(repo_root))
+
+
+def test_rank_settings_merge_nested_overrides_and_reject_unknown_ranks():
+    train = {
+        "defaults": {"epochs": 20, "lr": 0.05, "model": {"layout": "scalable", "variant": "deep"}},
+        "ranks": {"species": {"epochs": 40, "model": {"layout": "reference"}}},
+    }
+    levels = ["genus", "species"]
+    assert rank_train_settings(train, "species", levels) == {
+        "epochs": 40,
+        "lr": 0.05,
+        "model": {"layout": "reference", "variant": "deep"},
+    }
+    assert rank_train_settings(train, "genus", levels) == train["defaults"]
+    with pytest.raises(ValueError, match=r"unknown ranks \['species'\]"):
+        rank_train_settings(train, "genus", ["genus"])
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 import promptcam
+from promptcam.settings import rank_train_settings
 
 
 def levels():
@@ -126,24 +127,9 @@ def trait_outputs():
     return [rank_result(rank, name) for rank in levels() for name in names]
 
 
-def merged(defaults, overrides):
-    """``defaults`` updated by ``overrides``, recursively for nested mappings."""
-    out = dict(defaults)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def train_settings(rank):
     """Training, model and transform settings of one rank (defaults + its overrides)."""
-    unknown = set(config["train"]["ranks"]) - set(levels())
-    if unknown:
-        raise ValueError(f"config train.ranks names unknown ranks {sorted(unknown)}")
-    overrides = config["train"]["ranks"].get(rank, {})
-    return canonical(merged(config["train"]["defaults"], overrides))
+    return canonical(rank_train_settings(config["train"], rank, levels()))
 
 
 def probe_settings():
