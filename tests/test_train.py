@@ -292,16 +292,28 @@ def test_mixed_precision_is_bf16_autocast_on_a_gpu_only() -> None:
 
 
 @pytest.mark.slow
-def test_compiled_training_gives_the_eager_result(tiny: SimpleNamespace, tmp_path: Path) -> None:
+def test_compiled_training_gives_the_eager_result(
+    tiny: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled_modules = []
+    real_compile = torch.compile
+
+    def recording_compile(module: Any, *args: Any, **kwargs: Any) -> Any:
+        compiled_modules.append(type(module).__name__)
+        return real_compile(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
     # No dropout: compiled code draws its random masks differently from eager code.
     deterministic = {**SCALABLE, "prompt_dropout": 0.0}
     eager = train(tiny, tmp_path / "eager", small_config(epochs=2), model_config=deterministic)
+    assert compiled_modules == []
     compiled = train(
         tiny,
         tmp_path / "compiled",
         small_config(epochs=2, compile=True),
         model_config=deterministic,
     )
+    assert compiled_modules == ["PromptCAM"]  # the option really compiles the model
     eager_tensors, compiled_tensors = checkpoint_tensors(eager), checkpoint_tensors(compiled)
     # The checkpoint holds the module's own names, not the compiled wrapper's.
     assert compiled_tensors.keys() == eager_tensors.keys()
