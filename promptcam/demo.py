@@ -8,8 +8,12 @@ and small for fine ones:
 - species: a marking on the flank, by its place along the body (front, middle, rear) and its
   shape (disc, ring, bar, twin dots), upper or lower half when more species are needed.
 
-Each trait variant belongs to exactly one taxon at its rank, so the trait alone identifies
-the taxon and a ground-truth mask tells where the evidence is. Colours are drawn per image
+By default each trait variant belongs to exactly one taxon at its rank, so the trait alone
+identifies the taxon (and, as in nature, its parent taxa too). With ``shared_traits`` every
+family reuses the same dorsal fins and every genus the same markings, so a trait tells apart
+only the taxa that share a parent and never identifies a coarser taxon: the family is told by
+the tail alone, while a genus needs its family's tail and its own fin. Either way a
+ground-truth mask tells where each rank's evidence is. Colours are drawn per image
 from the same palette for every class: global colour statistics cannot classify.
 Organisms appear at random positions, scales, rotations and flips on cluttered backgrounds
 with distractor objects.
@@ -91,6 +95,7 @@ class DemoConfig:
     images_per_species: int = 40
     image_size: int = 128
     seed: int = 0
+    shared_traits: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,34 +139,48 @@ class Rendering:
     canonical_parts: np.ndarray | None = None  # (rows, cols, parts) shares, pose-free frame
 
 
+def _genus_name(dorsal: str, tail: str, shared_traits: bool) -> str:
+    """A genus named after its fin; with shared fins, prefixed by its family's stem."""
+    name = _GENUS_NAMES[dorsal]
+    if not shared_traits:
+        return name
+    return _FAMILY_NAMES[tail].removesuffix("idae") + "o" + name.lower()
+
+
 def build_taxonomy(config: DemoConfig) -> list[Taxon]:
-    """The demo taxonomy: one trait variant per taxon at every rank."""
+    """The demo taxonomy: one trait variant per taxon at every rank (see the module docstring
+    for ``shared_traits``)."""
     n_genera = config.n_families * config.genera_per_family
     n_species = n_genera * config.species_per_genus
     n_marks = len(MARK_PLACES) * len(MARK_SHAPES) * len(MARK_SIDES)
+    # With shared traits a variant only has to be unique among the taxa of one parent.
+    fins_needed = config.genera_per_family if config.shared_traits else n_genera
+    marks_needed = config.species_per_genus if config.shared_traits else n_species
+    scope = "per parent" if config.shared_traits else "in all"
     if config.n_families > len(TAIL_SHAPES):
         raise ValueError(
             f"demo supports at most {len(TAIL_SHAPES)} families; got {config.n_families}"
         )
-    if n_genera > len(DORSAL_SHAPES):
+    if fins_needed > len(DORSAL_SHAPES):
         raise ValueError(
-            f"demo supports at most {len(DORSAL_SHAPES)} genera in all; got {n_genera}"
+            f"demo supports at most {len(DORSAL_SHAPES)} genera {scope}; got {fins_needed}"
         )
-    if n_species > n_marks:
-        raise ValueError(f"demo supports at most {n_marks} species in all; got {n_species}")
+    if marks_needed > n_marks:
+        raise ValueError(f"demo supports at most {n_marks} species {scope}; got {marks_needed}")
     taxa = []
     for family_index in range(config.n_families):
         tail = TAIL_SHAPES[family_index]
         for genus_offset in range(config.genera_per_family):
             genus_index = family_index * config.genera_per_family + genus_offset
-            dorsal = DORSAL_SHAPES[genus_index]
+            dorsal = DORSAL_SHAPES[genus_offset if config.shared_traits else genus_index]
+            genus_name = _genus_name(dorsal, tail, config.shared_traits)
             for species_offset in range(config.species_per_genus):
                 species_index = genus_index * config.species_per_genus + species_offset
+                mark_index = species_offset if config.shared_traits else species_index
                 # Sister species differ by the marking's place first, as in many real keys.
-                place = MARK_PLACES[species_index % len(MARK_PLACES)]
-                shape = MARK_SHAPES[(species_index // len(MARK_PLACES)) % len(MARK_SHAPES)]
-                side = MARK_SIDES[species_index // (len(MARK_PLACES) * len(MARK_SHAPES))]
-                genus_name = _GENUS_NAMES[dorsal]
+                place = MARK_PLACES[mark_index % len(MARK_PLACES)]
+                shape = MARK_SHAPES[(mark_index // len(MARK_PLACES)) % len(MARK_SHAPES)]
+                side = MARK_SIDES[mark_index // (len(MARK_PLACES) * len(MARK_SHAPES))]
                 epithet = _PLACE_PREFIX[place] + _SHAPE_SUFFIX[shape]
                 if side != "centre":
                     epithet = "supra" + epithet

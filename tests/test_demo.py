@@ -135,3 +135,31 @@ def test_canonical_part_map_separates_shapes_the_image_shows():
         rendering = render_organism(spec, 96, np.random.default_rng(0), canonical_grid=grid)
         by_tail[tail] = rendering.canonical_parts[..., TAIL]
     assert np.abs(by_tail["forked"] - by_tail["rounded"]).sum() > 10  # cells' worth of area
+
+
+def test_shared_traits_reuse_fins_and_markings_under_every_parent():
+    config = DemoConfig(n_families=3, genera_per_family=4, species_per_genus=5, shared_traits=True)
+    taxa = build_taxonomy(config)
+    assert len({t.species for t in taxa}) == 60 and len({t.genus for t in taxa}) == 12
+
+    def marking(taxon):
+        return taxon.spec.mark_place, taxon.spec.mark_shape, taxon.spec.mark_side
+
+    for family in {t.family for t in taxa}:
+        members = [t for t in taxa if t.family == family]
+        # The same four fins in every family, one per genus.
+        assert sorted({t.spec.dorsal for t in members}) == sorted({t.spec.dorsal for t in taxa})
+        assert len({t.spec.dorsal for t in members}) == 4
+    for genus in {t.genus for t in taxa}:
+        members = [t for t in taxa if t.genus == genus]
+        assert len({marking(t) for t in members}) == 5
+    # A fin or a marking alone never tells the family: each occurs in every family.
+    for trait in (lambda t: t.spec.dorsal, marking):
+        families_with = {}
+        for taxon in taxa:
+            families_with.setdefault(trait(taxon), set()).add(taxon.family)
+        assert all(len(families) == 3 for families in families_with.values())
+    # The limits count per parent: 6 fins per family, though 18 genera in all.
+    assert len(build_taxonomy(DemoConfig(n_families=3, genera_per_family=6, shared_traits=True))) == 54
+    with pytest.raises(ValueError, match="per parent"):
+        build_taxonomy(DemoConfig(genera_per_family=7, shared_traits=True))
