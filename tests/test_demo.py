@@ -160,6 +160,8 @@ def test_shared_traits_reuse_fins_and_markings_under_every_parent():
             families_with.setdefault(trait(taxon), set()).add(taxon.family)
         assert all(len(families) == 3 for families in families_with.values())
     # The limits count per parent: 6 fins per family, though 18 genera in all.
-    assert len(build_taxonomy(DemoConfig(n_families=3, genera_per_family=6, shared_traits=True))) == 54
+    assert (
+        len(build_taxonomy(DemoConfig(n_families=3, genera_per_family=6, shared_traits=True))) == 54
+    )
     with pytest.raises(ValueError, match="per parent"):
         build_taxonomy(DemoConfig(genera_per_family=7, shared_traits=True))
