@@ -184,6 +184,11 @@ def main() -> None:
     )
     parser.add_argument("--modes", default="train,infer", help="train, infer or both")
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode with --compile, e.g. max-autotune-no-cudagraphs",
+    )
     parser.add_argument("--no-explicit", action="store_true", help="skip the explicit baseline")
     parser.add_argument("--profile", action="store_true", help="print ours' top operators")
     args = parser.parse_args()
@@ -221,7 +226,7 @@ def main() -> None:
             )
             cells = [layout, num_classes, "train" if train else "infer", _fmt(ours)]
             if args.compile:
-                compiled = torch.compile(model)
+                compiled = torch.compile(model, mode=args.compile_mode)
                 cells.append(
                     _fmt(measure(model, compiled, batch=setting.batch, bf16=bf16, **common))
                 )

@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh [SECTION...]   # logs under $OUT (or ./gpu_out)
 #
-# SECTION: env model traits compile loader demo profile gradcheck variants (default: the
-# first seven, in this order).
+# SECTION: env model traits compile loader demo profile gradcheck variants autotune (default:
+# the first seven, in this order).
 #
 # Sections run one after the other, each under its own time limit, most important first; each
 # writes its log as it goes, so a section cut short still leaves what it measured. Wheels in
@@ -56,3 +56,6 @@ run variants 150 python3 benchmarks/gpu_demo.py --ranks species --workers 8 \
     --variants bf16,fp32,bf16-no-cudnn
 run profile 60 python3 benchmarks/bench_model.py --full --no-explicit --modes train \
     --only scalable:10000 --profile
+# GEMM autotuning and fused epilogues for the C = 10,000 class rows; compiling takes minutes.
+run autotune 420 python3 benchmarks/bench_model.py --full --compile --no-explicit --modes train \
+    --only scalable:10000 --compile-mode max-autotune-no-cudagraphs
