@@ -33,7 +33,7 @@ def head_outputs(model, loader) -> tuple[np.ndarray, np.ndarray]:
     features, labels = [], []
     for images, batch_labels, *_ in loader:
         tokens = model.encode_to_last_block(images)
-        scores, _ = model.last_block_attention(tokens)
+        scores = model.last_block_scores(tokens)
         rows = [
             target_rows(model, tokens, torch.full_like(batch_labels, c), scores).attended
             for c in range(model.num_classes)
@@ -54,7 +54,6 @@ def main() -> None:
     parser.add_argument("ranks", nargs="*", default=["family", "genus", "species"])
     parser.add_argument("--results", default="results", type=Path)
     args = parser.parse_args()
-    torch.manual_seed(0)
     for rank in args.ranks:
         folder = args.results / rank
         model, meta = load_checkpoint(folder / "model.pt")
