@@ -189,6 +189,11 @@ def main() -> None:
         default=None,
         help="torch.compile mode with --compile, e.g. max-autotune-no-cudagraphs",
     )
+    parser.add_argument(
+        "--bf16-class-rows",
+        action="store_true",
+        help="also time ours with class_rows_in_autocast_dtype (GPU: class rows wholly in bf16)",
+    )
     parser.add_argument("--no-explicit", action="store_true", help="skip the explicit baseline")
     parser.add_argument("--profile", action="store_true", help="print ours' top operators")
     args = parser.parse_args()
@@ -212,8 +217,16 @@ def main() -> None:
         f"{dict(setting.backbone.kwargs)}, threads {torch.get_num_threads()}, "
         f"ours: fused attention{', bf16 autocast' if bf16 else ''}; explicit: fp32"
     )
-    header = ["layout", "C", "mode", "ours img/s (batch, peak GiB)"]
-    header += ["ours compiled img/s"] if args.compile else []
+    variants = [(False, False)]  # (compiled, class rows in the autocast dtype)
+    variants += [(True, False)] if args.compile else []
+    if args.bf16_class_rows:
+        variants += [(compiled, True) for compiled, _ in variants]
+    header = ["layout", "C", "mode"]
+    header += [
+        "ours" + (" compiled" if compiled else "") + (", bf16 class rows" if in_bf16 else "")
+        for compiled, in_bf16 in variants
+    ]
+    header[3] += " img/s (batch, peak GiB)"
     header += [] if args.no_explicit else ["explicit img/s (batch, peak GiB)", "ratio"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     for layout, num_classes in configs:
@@ -221,15 +234,24 @@ def main() -> None:
         model = PromptCAM(setting.backbone, config).to(device)
         for train in modes:
             common = dict(train=train, setting=setting, device=device)
-            ours = measure(
-                model, model, batch=setting.batch, bf16=bf16, profile=args.profile, **common
-            )
-            cells = [layout, num_classes, "train" if train else "infer", _fmt(ours)]
-            if args.compile:
-                compiled = torch.compile(model, mode=args.compile_mode)
-                cells.append(
-                    _fmt(measure(model, compiled, batch=setting.batch, bf16=bf16, **common))
+            results = []
+            for compiled, in_bf16 in variants:
+                model.class_rows_in_autocast_dtype = in_bf16
+                forward = torch.compile(model, mode=args.compile_mode) if compiled else model
+                results.append(
+                    measure(
+                        model,
+                        forward,
+                        batch=setting.batch,
+                        bf16=bf16,
+                        profile=args.profile and not compiled,
+                        **common,
+                    )
                 )
+            model.class_rows_in_autocast_dtype = False
+            ours = results[0]
+            cells = [layout, num_classes, "train" if train else "infer"]
+            cells += [_fmt(result) for result in results]
             if not args.no_explicit:
                 explicit = measure(
                     model,

@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_check.sh [SECTION...]   # logs under $OUT (or ./gpu_out)
 #
-# SECTION: env model traits compile loader demo profile gradcheck variants autotune (default:
-# the first seven, in this order).
+# SECTION: env model traits compile loader demo profile gradcheck variants autotune bf16rows
+# (default: the first seven, in this order).
 #
 # Sections run one after the other, each under its own time limit, most important first; each
 # writes its log as it goes, so a section cut short still leaves what it measured. Wheels in
@@ -59,3 +59,7 @@ run profile 60 python3 benchmarks/bench_model.py --full --no-explicit --modes tr
 # GEMM autotuning and fused epilogues for the C = 10,000 class rows; compiling takes minutes.
 run autotune 420 python3 benchmarks/bench_model.py --full --compile --no-explicit --modes train \
     --only scalable:10000 --compile-mode max-autotune-no-cudagraphs
+# The class rows of the last block wholly in bf16 (PromptCAM.class_rows_in_autocast_dtype), eager
+# and compiled, against autocast's fp32 LayerNorms and residual adds, in one process.
+run bf16rows 300 python3 benchmarks/bench_model.py --full --compile --no-explicit --modes train \
+    --only scalable:10000 --bf16-class-rows

@@ -30,10 +30,13 @@ weights are returned (:meth:`PromptCAM.forward_with_attention`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import itertools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +48,7 @@ from timm.data import resolve_model_data_config
 from timm.layers import Attention, calculate_drop_path_rates, drop_path
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from promptcam.io import atomic_path, sha256_file
 
@@ -63,6 +67,7 @@ __all__ = [
 
 Layout = Literal["reference", "scalable"]
 Variant = Literal["deep", "shallow"]
+ModuleCall = Callable[[nn.Module, Tensor], Tensor]
 
 CUSTOM_VIT = "vit_custom"
 CHECKPOINT_FORMAT = "promptcam-checkpoint"
@@ -238,9 +243,25 @@ def _keys_values(attn: Attention, x: Tensor) -> tuple[Tensor, Tensor]:
     return attn.k_norm(_split_heads(k, attn.num_heads)), _split_heads(v, attn.num_heads)
 
 
-def _attention_output(attn: Attention, heads: Tensor) -> Tensor:
-    """Merged head outputs (..., H * d) -> block dimension."""
-    return attn.proj(attn.norm(heads))
+def _call(module: nn.Module, x: Tensor) -> Tensor:
+    return module(x)
+
+
+def _call_in_dtype(dtype: torch.dtype, module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` with the module's floating-point tensors cast to ``dtype`` (gradients still
+    reach the originals), for use with autocast off."""
+    tensors = {
+        name: tensor.to(dtype)
+        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers())
+        if tensor.is_floating_point()
+    }
+    return functional_call(module, tensors, (x,))
+
+
+def _attention_output(attn: Attention, heads: Tensor, apply: ModuleCall = _call) -> Tensor:
+    """Merged head outputs (..., H * d) -> block dimension; ``apply(module, x)`` runs each
+    module."""
+    return apply(attn.proj, apply(attn.norm, heads))
 
 
 def _self_attention(attn: Attention, x: Tensor) -> Tensor:
@@ -277,6 +298,10 @@ class PromptCAM(nn.Module):
             self.class_prompts = nn.Parameter(torch.empty(num_classes, dim))
             self.readout_token = nn.Parameter(torch.empty(dim))
         self.head = nn.Linear(dim, 1)
+        # Off: autocast keeps the class rows' LayerNorms and residual adds in fp32. On: under
+        # autocast they run wholly in its dtype, halving the memory traffic of the C class rows
+        # of the last block, which dominates training at large C on a GPU.
+        self.class_rows_in_autocast_dtype = False
         self.drop_path_rates: tuple[float, ...] = tuple(
             calculate_drop_path_rates(config.drop_path_rate, depth)
         )
@@ -380,14 +405,28 @@ class PromptCAM(nn.Module):
         k, v = _keys_values(block.attn, block.norm1(context))
         return q, k, v, residual
 
+    def _class_rows_dtype(self, device_type: str) -> torch.dtype | None:
+        """The dtype the class rows run in wholly, or None to leave every op to autocast."""
+        if self.class_rows_in_autocast_dtype and torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return None
+
     def _last_block_scores(self, heads: Tensor, residual: Tensor) -> Tensor:
         """Merged head outputs (B, ..., H * d) of class rows -> scores (B, ...)."""
         block, rate = self.backbone.blocks[-1], self.drop_path_rates[-1]
-        x = residual + drop_path(
-            block.ls1(_attention_output(block.attn, heads)), rate, self.training
-        )
-        x = x + drop_path(block.ls2(block.mlp(block.norm2(x))), rate, self.training)
-        return self.head(self.backbone.norm(x)).squeeze(-1)
+        dtype = self._class_rows_dtype(heads.device.type)
+        if dtype is None:
+            apply, precision = _call, contextlib.nullcontext()
+        else:
+            apply = functools.partial(_call_in_dtype, dtype)
+            precision = torch.autocast(heads.device.type, enabled=False)
+            heads, residual = heads.to(dtype), residual.to(dtype)
+        with precision:
+            attended = apply(block.ls1, _attention_output(block.attn, heads, apply))
+            x = residual + drop_path(attended, rate, self.training)
+            mlp = apply(block.mlp, apply(block.norm2, x))
+            x = x + drop_path(apply(block.ls2, mlp), rate, self.training)
+            return apply(self.head, apply(self.backbone.norm, x)).squeeze(-1)
 
     def last_block_scores(
         self,

@@ -277,3 +277,40 @@ def test_timm_named_backbone_loads_local_weights(tmp_path: Path) -> None:
     torch.save(random.state_dict(), path)
     loaded = build_backbone("vit_small_patch16_224", path, **kwargs)
     assert all(torch.equal(random.state_dict()[n], t) for n, t in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize(("layout", "variant"), LAYOUTS)
+def test_class_rows_in_autocast_dtype_run_wholly_in_bf16(layout: str, variant: str) -> None:
+    """The speed option moves the class rows' LayerNorm inputs (the residual stream) from fp32,
+    where autocast keeps them, to bf16, and keeps scores and gradients to bf16 precision."""
+    model = make_model(layout, variant)
+    with torch.no_grad():
+        # Peaked attention and a spread head, so that scores differ between classes by far
+        # more than bf16 rounding (a random tiny ViT's attention is near uniform).
+        model.backbone.blocks[-1].attn.qkv.weight.mul_(10.0)
+        model.head.weight.normal_()
+    x, labels = images(6), torch.arange(6) % NUM_CLASSES
+    norm_input_dtypes: list[torch.dtype] = []
+    model.backbone.blocks[-1].norm2.register_forward_pre_hook(
+        lambda module, args: norm_input_dtypes.append(args[0].dtype)
+    )
+
+    def run(
+        autocast: bool, class_rows_in_autocast_dtype: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model.class_rows_in_autocast_dtype = class_rows_in_autocast_dtype
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            scores = model(x)
+        F.cross_entropy(scores.float(), labels).backward()
+        grads = [p.grad.flatten() for p in model.parameters() if p.requires_grad]
+        return scores.detach().float(), torch.cat(grads)
+
+    fp32_scores, fp32_grads = run(autocast=False, class_rows_in_autocast_dtype=True)
+    mixed_scores, mixed_grads = run(autocast=True, class_rows_in_autocast_dtype=False)
+    bf16_scores, bf16_grads = run(autocast=True, class_rows_in_autocast_dtype=True)
+    assert norm_input_dtypes == [torch.float32, torch.float32, torch.bfloat16]
+    for scores, grads in ((mixed_scores, mixed_grads), (bf16_scores, bf16_grads)):
+        # bf16 keeps 8 bits: a relative step of 2^-8 = 0.004 per rounding.
+        assert (scores - fp32_scores).abs().max() <= 0.03 * fp32_scores.abs().max()
+        assert F.cosine_similarity(grads, fp32_grads, dim=0) >= 0.99
