@@ -13,6 +13,7 @@ initialised: weights do not change the speed. Training is forward + backward + S
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor
 
 from promptcam.model import BackboneSpec, PromptCAM, PromptCAMConfig
+from promptcam.train import sample_classes
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,24 @@ def images_per_second(step: Callable[[], None], batch: int, setting: Setting, de
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One way of running ours."""
+
+    compiled: bool = False
+    bf16_class_rows: bool = False  # PromptCAM.class_rows_in_autocast_dtype
+    sampled_classes: int | None = None  # TrainConfig.sampled_classes: training only
+
+    @property
+    def label(self) -> str:
+        extras = ["bf16 class rows"] if self.bf16_class_rows else []
+        extras += [f"{self.sampled_classes} sampled classes"] if self.sampled_classes else []
+        return "ours" + (" compiled" if self.compiled else "") + "".join(f", {e}" for e in extras)
+
+    def applies_to(self, layout: str, train: bool) -> bool:
+        return self.sampled_classes is None or (layout == "scalable" and train)
+
+
+@dataclass(frozen=True)
 class Measurement:
     images_per_second: float
     batch: int
@@ -128,8 +148,10 @@ def _measure_at(
     setting: Setting,
     device: str,
     profile: bool = False,
+    sampled_classes: int | None = None,
 ) -> Measurement:
-    """``profile`` also prints the kernels of two more steps."""
+    """``profile`` also prints the kernels of two more steps; ``sampled_classes`` scores that
+    many classes per training step, as training with that setting does."""
     images = torch.randn(batch, 3, setting.img_size, setting.img_size, device=device)
     labels = torch.randint(model.num_classes, (batch,), device=device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -142,7 +164,9 @@ def _measure_at(
                 with torch.inference_mode():
                     forward(images)
                 return
-            loss = F.cross_entropy(forward(images).float(), labels)
+            sample = sample_classes(labels, model.num_classes, sampled_classes)
+            scores = forward(images) if sample.classes is None else forward(images, sample.classes)
+            loss = F.cross_entropy(scores.float() + sample.logit_offset, sample.targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -180,7 +204,9 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="ViT-B/16, C up to 10000 (GPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
     parser.add_argument(
-        "--only", default=None, help="comma-separated LAYOUT:C, e.g. reference:200,scalable:10000"
+        "--only",
+        default=None,
+        help="comma-separated LAYOUT:C instead of the setting's, e.g. reference:200,scalable:10000",
     )
     parser.add_argument("--modes", default="train,infer", help="train, infer or both")
     parser.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
@@ -193,6 +219,12 @@ def main() -> None:
         "--bf16-class-rows",
         action="store_true",
         help="also time ours with class_rows_in_autocast_dtype (GPU: class rows wholly in bf16)",
+    )
+    parser.add_argument(
+        "--sampled-classes",
+        type=int,
+        default=None,
+        help="also time scalable training scoring this many classes per step",
     )
     parser.add_argument("--no-explicit", action="store_true", help="skip the explicit baseline")
     parser.add_argument("--profile", action="store_true", help="print ours' top operators")
@@ -207,9 +239,8 @@ def main() -> None:
         for layout in ("reference", "scalable")
         for num_classes in setting.class_counts
     ]
-    if args.only:
-        wanted = {(item.split(":")[0], int(item.split(":")[1])) for item in args.only.split(",")}
-        configs = [config for config in configs if config in wanted]
+    if args.only:  # any C, not only the setting's
+        configs = [(item.split(":")[0], int(item.split(":")[1])) for item in args.only.split(",")]
     modes = [mode == "train" for mode in args.modes.split(",")]
     card = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(
@@ -217,15 +248,12 @@ def main() -> None:
         f"{dict(setting.backbone.kwargs)}, threads {torch.get_num_threads()}, "
         f"ours: fused attention{', bf16 autocast' if bf16 else ''}; explicit: fp32"
     )
-    variants = [(False, False)]  # (compiled, class rows in the autocast dtype)
-    variants += [(True, False)] if args.compile else []
+    variants = [Variant()] + ([Variant(compiled=True)] if args.compile else [])
     if args.bf16_class_rows:
-        variants += [(compiled, True) for compiled, _ in variants]
-    header = ["layout", "C", "mode"]
-    header += [
-        "ours" + (" compiled" if compiled else "") + (", bf16 class rows" if in_bf16 else "")
-        for compiled, in_bf16 in variants
-    ]
+        variants += [dataclasses.replace(v, bf16_class_rows=True) for v in variants]
+    if args.sampled_classes:
+        variants += [dataclasses.replace(v, sampled_classes=args.sampled_classes) for v in variants]
+    header = ["layout", "C", "mode"] + [variant.label for variant in variants]
     header[3] += " img/s (batch, peak GiB)"
     header += [] if args.no_explicit else ["explicit img/s (batch, peak GiB)", "ratio"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
@@ -234,24 +262,28 @@ def main() -> None:
         model = PromptCAM(setting.backbone, config).to(device)
         for train in modes:
             common = dict(train=train, setting=setting, device=device)
-            results = []
-            for compiled, in_bf16 in variants:
-                model.class_rows_in_autocast_dtype = in_bf16
-                forward = torch.compile(model, mode=args.compile_mode) if compiled else model
-                results.append(
-                    measure(
-                        model,
-                        forward,
-                        batch=setting.batch,
-                        bf16=bf16,
-                        profile=args.profile and not compiled,
-                        **common,
-                    )
-                )
-            model.class_rows_in_autocast_dtype = False
-            ours = results[0]
             cells = [layout, num_classes, "train" if train else "infer"]
-            cells += [_fmt(result) for result in results]
+            ours = None  # the plain variant's, for the ratio
+            for variant in variants:
+                if not variant.applies_to(layout, train):
+                    cells.append("-")
+                    continue
+                model.class_rows_in_autocast_dtype = variant.bf16_class_rows
+                compiled = variant.compiled
+                forward = torch.compile(model, mode=args.compile_mode) if compiled else model
+                result = measure(
+                    model,
+                    forward,
+                    batch=setting.batch,
+                    bf16=bf16,
+                    profile=args.profile and variant == Variant(),
+                    sampled_classes=variant.sampled_classes,
+                    **common,
+                )
+                if variant == Variant():
+                    ours = result
+                cells.append(_fmt(result))
+            model.class_rows_in_autocast_dtype = False
             if not args.no_explicit:
                 explicit = measure(
                     model,

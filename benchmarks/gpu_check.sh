@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_check.sh [SECTION...]   # logs under $OUT (or ./gpu_out)
 #
 # SECTION: env model traits compile loader demo profile gradcheck variants autotune bf16rows
+# sampled
 # (default: the first seven, in this order).
 #
 # Sections run one after the other, each under its own time limit, most important first; each
@@ -63,3 +64,7 @@ run autotune 420 python3 benchmarks/bench_model.py --full --compile --no-explici
 # and compiled, against autocast's fp32 LayerNorms and residual adds, in one process.
 run bf16rows 300 python3 benchmarks/bench_model.py --full --compile --no-explicit --modes train \
     --only scalable:10000 --bf16-class-rows
+# Training that scores 1,024 of the 10,000 classes per step (train.sampled_classes), eager and
+# compiled, against all 10,000.
+run sampled 300 python3 benchmarks/bench_model.py --full --compile --no-explicit --modes train \
+    --only scalable:10000 --sampled-classes 1024

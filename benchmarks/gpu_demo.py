@@ -2,14 +2,15 @@
 
     python benchmarks/gpu_demo.py [--out DIR] [--ranks family,genus,species]
     python benchmarks/gpu_demo.py --ranks species --seeds 0,1,2,3 --train '{"epochs": 20}'
+    python benchmarks/gpu_demo.py --ranks species --demo '{"species_per_genus": 6}'
 
 Generates the demo of ``config/config.yaml``, writes its metadata and shards, then per rank
 trains Prompt-CAM (bf16 autocast, fused attention), evaluates it on the test split and runs
 the greedy trait search twice: blocks 1..N-1 in fp32 and in bf16 (the last block is fp32 in
 both), reporting how often the two keep the same heads. ``--seeds`` repeats each rank's training
-with other seeds, ``--train`` overrides its settings (JSON, merged into the rank's
-``train`` settings of the config). One run; prints a table of seconds per stage and the
-accuracies; runs on a CPU too. Snakemake itself is not needed, so the script runs on a GPU
+with other seeds, ``--train`` overrides its settings (JSON, merged into the rank's ``train``
+settings of the config), ``--demo`` the demo's. One run; prints a table of seconds per stage
+and the accuracies; runs on a CPU too. Snakemake itself is not needed, so the script runs on a GPU
 machine that has only the library's dependencies.
 """
 
@@ -156,8 +157,12 @@ def main() -> None:
     parser.add_argument(
         "--train", default="{}", help="JSON training overrides, e.g. '{\"epochs\": 20}'"
     )
+    parser.add_argument(
+        "--demo", default="{}", help="JSON demo overrides, e.g. '{\"species_per_genus\": 6}'"
+    )
     args = parser.parse_args()
     config = yaml.safe_load(CONFIG.read_text())
+    config["demo"] = {**config["demo"], **json.loads(args.demo)}
     levels = tuple(config["levels"])
     ranks = args.ranks.split(",") if args.ranks else list(levels)
     seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [None]

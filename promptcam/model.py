@@ -386,13 +386,22 @@ class PromptCAM(nn.Module):
                 tokens = self._run_block(index, tokens)
         return tokens
 
-    def _last_block_inputs(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _last_block_inputs(
+        self, tokens: Tensor, classes: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Queries (B, H, C, d) of the class rows, keys and values (B, H, T, d) of all tokens the
-        class rows attend to, and the class rows' residual stream (B or 1, C, D)."""
+        class rows attend to, and the class rows' residual stream (B or 1, C, D); with
+        ``classes`` (scalable layout only), the rows of those classes alone, in that order."""
         batch = tokens.shape[0]
         block = self.backbone.blocks[-1]
+        if classes is not None and self.config.layout != "scalable":
+            raise ValueError(
+                "scoring a subset of the classes needs the scalable layout: in the reference "
+                "layout the class prompts attend to each other, so every score needs all of them"
+            )
         if self.config.layout == "scalable":
-            queries_from = self._dropout(self.class_prompts)[None]
+            prompts = self.class_prompts if classes is None else self.class_prompts[classes]
+            queries_from = self._dropout(prompts)[None]
             residual = self.readout_token.expand_as(queries_from)
             context = tokens
         elif self.config.variant == "deep":
@@ -433,6 +442,7 @@ class PromptCAM(nn.Module):
         tokens: Tensor,
         class_index: Tensor | None = None,
         blurred_heads: Tensor | None = None,
+        classes: Tensor | None = None,
     ) -> Tensor:
         """Scores (B, C) from :meth:`encode_to_last_block`'s tokens, optionally with heads blurred.
 
@@ -446,11 +456,15 @@ class PromptCAM(nn.Module):
             class_index: (B,) class whose prompt row is blurred; needed with ``blurred_heads``.
             blurred_heads: (B, H) bool, or (B, K, H) for K alternative head sets per image,
                 all evaluated from one pass over ``tokens``.
+            classes: (M,) class indices: score only these (scalable layout; its class rows are
+                independent of each other), (B, M) in that order. Not with ``blurred_heads``.
 
         Returns:
             (B, C) scores, or (B, K, C) for a (B, K, H) mask.
         """
-        q, k, v, residual = self._last_block_inputs(tokens)
+        if classes is not None and blurred_heads is not None:
+            raise ValueError("classes and blurred_heads do not combine")
+        q, k, v, residual = self._last_block_inputs(tokens, classes)
         heads = F.scaled_dot_product_attention(q, k, v)
         scores = self._last_block_scores(_merge_heads(heads), residual)
         if blurred_heads is None:
@@ -495,9 +509,10 @@ class PromptCAM(nn.Module):
         num_patches = tokens.shape[1] - self._num_leading_tokens
         return scores, attention[..., -num_patches:]
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Images (B, 3, H, W) -> class scores (B, C)."""
-        return self.last_block_scores(self.encode_to_last_block(x))
+    def forward(self, x: Tensor, classes: Tensor | None = None) -> Tensor:
+        """Images (B, 3, H, W) -> class scores (B, C), or (B, M) of ``classes`` (M,) only (see
+        :meth:`last_block_scores`)."""
+        return self.last_block_scores(self.encode_to_last_block(x), classes=classes)
 
     def forward_with_attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Images -> scores (B, C) and attention maps (B, H, C, patches); see

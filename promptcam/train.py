@@ -9,6 +9,10 @@ once per epoch; here it is evaluated before every step at the fractional epoch r
 batches. ``warmup_lr`` and ``min_lr`` are not among the reference facts we have; the defaults
 (1e-6, 1e-8) are assumptions.
 
+Large C (scalable layout): ``sampled_classes`` scores per step only the batch's own classes and
+others drawn uniformly (:func:`sample_classes`, a sampled softmax), so that a step's last-block
+cost follows that number instead of C. Validation and evaluation always score every class.
+
 Precision: bf16 autocast on a GPU (the model's attention already uses fused SDPA), fp32 on the
 CPU. The model is selected on the *validation* split: the epoch with the best val top-1, the
 earlier one on ties. The test split is never read here.
@@ -18,7 +22,9 @@ Outputs in ``out_dir``:
 - ``model.pt``: the selected epoch's trainable tensors, the model config, the label names and
   the backbone's identity (:func:`promptcam.model.save_checkpoint`), written at the end;
 - ``metrics.tsv``: one row per finished epoch (``epoch`` counts from 1, ``lr`` at the epoch's
-  last step, ``train_loss``, ``train_top1``, ``val_loss``, ``val_top1``, ``seconds``);
+  last step, ``train_loss``, ``train_top1``, ``val_loss``, ``val_top1``, ``seconds``; with
+  ``sampled_classes`` the train columns are over each step's scored classes, validation
+  always over all);
 - ``last.pt``: the training state after the last finished epoch (trainable tensors, optimizer
   with its momentum buffers, epochs done, which fixes the schedule position, the best epoch so
   far with its tensors, the metrics rows), removed when training completes.
@@ -78,10 +84,12 @@ from promptcam.reader import (
 
 __all__ = [
     "METRICS_COLUMNS",
+    "ClassSample",
     "TrainConfig",
     "backbone_spec",
     "learning_rate",
     "read_label_names",
+    "sample_classes",
     "train_rank",
 ]
 
@@ -108,6 +116,9 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     eval_batch_size: int = 64
     num_workers: int = 2
+    # Classes scored per training step (sampled softmax; scalable layout only): the batch's own
+    # plus others drawn uniformly. None scores all C.
+    sampled_classes: int | None = None
     threads: int = 1
     device: str = "auto"
     progress_seconds: float = 5.0
@@ -123,6 +134,11 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be in [0, epochs]: {self}")
         if self.num_workers < 0 or self.threads < 1 or self.shuffle_buffer < 0:
             raise ValueError(f"num_workers, shuffle_buffer >= 0 and threads >= 1: {self}")
+        if self.sampled_classes is not None and self.sampled_classes < self.batch_size:
+            raise ValueError(
+                f"sampled_classes ({self.sampled_classes}) must be at least batch_size "
+                f"({self.batch_size}), so that every image's own class is scored"
+            )
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
@@ -205,6 +221,40 @@ def build_optimizer(model: PromptCAM, config: TrainConfig) -> torch.optim.SGD:
     )
 
 
+@dataclass(frozen=True)
+class ClassSample:
+    """The classes one training step scores, and how its loss reads their scores."""
+
+    classes: Tensor | None  # (M,) class indices, the batch's own first; None: all, in order
+    targets: Tensor  # (B,) each image's class as a position in ``classes``
+    logit_offset: Tensor | float  # added to the (B, M) scores before the softmax
+
+
+def sample_classes(labels: Tensor, num_classes: int, num_scored: int | None) -> ClassSample:
+    """The batch's own classes plus ``num_scored`` minus their number drawn uniformly, without
+    replacement, from the other classes: a sampled softmax (Jean et al., ACL 2015).
+
+    Each drawn class stands for ``others / drawn`` classes, so its score gets ``log(others /
+    drawn)`` added before the softmax, which makes the denominator an unbiased estimate of the
+    full one; when every other class is drawn that offset is 0 and the loss is the full one.
+    Draws come from torch's global generator on ``labels``' device (reseeded every epoch).
+    """
+    if num_scored is None:
+        return ClassSample(classes=None, targets=labels, logit_offset=0.0)
+    own, targets = labels.unique(return_inverse=True)
+    is_other = torch.ones(num_classes, dtype=torch.bool, device=labels.device)
+    is_other[own] = False
+    others = is_other.nonzero().squeeze(1)
+    num_drawn = min(num_scored, num_classes) - len(own)
+    if num_drawn < 0:
+        raise ValueError(f"{len(own)} classes in the batch but only {num_scored} scored")
+    drawn = others[torch.randperm(len(others), device=labels.device)[:num_drawn]]
+    offset = torch.zeros(len(own) + num_drawn, device=labels.device)
+    if num_drawn:
+        offset[len(own) :] = math.log(len(others) / num_drawn)
+    return ClassSample(classes=torch.cat([own, drawn]), targets=targets, logit_offset=offset)
+
+
 @dataclass
 class EpochStats:
     lr: float
@@ -218,6 +268,7 @@ def train_one_epoch(
     loader: DataLoader,
     optimizer: torch.optim.Optimizer,
     *,
+    num_classes: int,
     epoch: int,
     samples_per_epoch: int,
     config: TrainConfig,
@@ -233,16 +284,17 @@ def train_one_epoch(
         lr = learning_rate(epoch + seen / samples_per_epoch, config)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        sample = sample_classes(labels, num_classes, config.sampled_classes)
         with autocast(device, config.mixed_precision):
-            scores = model(images)
-        loss = F.cross_entropy(scores.float(), labels)
+            scores = model(images, sample.classes)
+        loss = F.cross_entropy(scores.float() + sample.logit_offset, sample.targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         count = len(labels)
         seen += count
         loss_sum += loss.detach() * count
-        correct += (scores.argmax(dim=1) == labels).sum()
+        correct += (scores.argmax(dim=1) == sample.targets).sum()
         progress.update(count)
     if seen == 0:
         raise ValueError("the training loader yielded no samples")
@@ -385,6 +437,12 @@ def train_rank(
     label_names = read_label_names(labels_tsv)
     spec = backbone_spec(backbone)
     prompt_config = PromptCAMConfig(num_classes=len(label_names), **model_config)
+    if config.sampled_classes is not None and prompt_config.layout != "scalable":
+        raise ValueError(
+            f"train.sampled_classes ({config.sampled_classes}) needs model.layout: scalable; "
+            "the reference layout's class prompts attend to each other, so each step must "
+            "score all of them: unset sampled_classes or switch the layout"
+        )
     manifest = load_manifest(shards_dir)
     if split_size(manifest, "val") == 0:
         raise ValueError(f"{shards_dir} has no validation images: model selection needs some")
@@ -452,6 +510,7 @@ def train_rank(
                 train_forward,
                 train_loader,
                 optimizer,
+                num_classes=prompt_config.num_classes,
                 epoch=epoch,
                 samples_per_epoch=samples_per_epoch,
                 config=config,

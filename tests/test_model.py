@@ -314,3 +314,13 @@ def test_class_rows_in_autocast_dtype_run_wholly_in_bf16(layout: str, variant: s
         # bf16 keeps 8 bits: a relative step of 2^-8 = 0.004 per rounding.
         assert (scores - fp32_scores).abs().max() <= 0.03 * fp32_scores.abs().max()
         assert F.cosine_similarity(grads, fp32_grads, dim=0) >= 0.99
+
+
+def test_scalable_scores_any_subset_of_classes_alone() -> None:
+    model = make_model("scalable")
+    x = images(2)
+    classes = torch.tensor([3, 0, 4])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, classes), model(x)[:, classes], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="scalable layout"):
+        make_model("reference")(x, classes)

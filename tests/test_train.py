@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from timm.scheduler.cosine_lr import CosineLRScheduler
@@ -29,11 +30,17 @@ import promptcam.train as train_module
 from promptcam.evaluate import autocast
 from promptcam.io import sha256_file
 from promptcam.metadata import MetadataSpec, prepare_metadata
-from promptcam.model import load_checkpoint
+from promptcam.model import BackboneSpec, PromptCAM, PromptCAMConfig, load_checkpoint
 from promptcam.reader import ShardDataset
 from promptcam.shards import ShardConfig, write_shards
 from promptcam.splits import SplitConfig
-from promptcam.train import METRICS_COLUMNS, TrainConfig, learning_rate, train_rank
+from promptcam.train import (
+    METRICS_COLUMNS,
+    TrainConfig,
+    learning_rate,
+    sample_classes,
+    train_rank,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -384,3 +391,79 @@ def test_demo_backbone_name_resolves_to_the_shipped_weights(
         train_module.backbone_spec({"name": "demo", "weights": str(tmp_path / "w.pt")})
     with pytest.raises(ValueError, match="unknown backbone settings"):
         train_module.backbone_spec({"name": "vit_custom", "weight": "w.pt"})
+
+
+def test_sample_classes_scores_the_batch_classes_and_a_uniform_draw() -> None:
+    labels = torch.tensor([7, 2, 7, 9])
+    torch.manual_seed(0)
+    sample = sample_classes(labels, num_classes=20, num_scored=8)
+    assert sample.classes is not None and len(sample.classes) == 8
+    assert sample.classes[:3].tolist() == [2, 7, 9]  # the batch's own, first
+    assert len(set(sample.classes.tolist())) == 8  # no class twice
+    assert torch.equal(sample.classes[sample.targets], labels)
+    # 5 drawn from the 17 others: each stands for 17 / 5 classes.
+    expected = torch.tensor([0.0] * 3 + [math.log(17 / 5)] * 5)
+    torch.testing.assert_close(sample.logit_offset, expected)
+
+    everything = sample_classes(labels, num_classes=20, num_scored=50)
+    assert sorted(everything.classes.tolist()) == list(range(20))
+    assert torch.count_nonzero(everything.logit_offset) == 0
+
+    full = sample_classes(labels, num_classes=20, num_scored=None)
+    assert full.classes is None and torch.equal(full.targets, labels)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=16, sampled_classes=8)
+
+
+def test_sampled_softmax_denominator_is_unbiased() -> None:
+    """Averaged over draws, the corrected sampled denominator is the full softmax's."""
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.randn(100, generator=generator) * 2
+    labels = torch.tensor([3, 50])
+    torch.manual_seed(2)
+    totals = []
+    for _ in range(4000):
+        sample = sample_classes(labels, num_classes=100, num_scored=12)
+        totals.append((scores[sample.classes] + sample.logit_offset).exp().sum())
+    full = scores.exp().sum()
+    assert abs(torch.stack(totals).mean() / full - 1) < 0.02
+    # A draw alone misses: the correction is what makes the mean right.
+    assert abs(scores[sample.classes].exp().sum() / full - 1) > 0.3
+
+
+def test_scoring_every_class_in_any_order_gives_the_full_loss_and_gradients() -> None:
+    torch.manual_seed(0)
+    spec = BackboneSpec("vit_custom", kwargs=dict(TINY_VIT))
+    config = PromptCAMConfig(num_classes=6, prompt_dropout=0.0, drop_path_rate=0.0, **SCALABLE)
+    model = PromptCAM(spec, config).train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([1, 4, 4, 0])
+
+    def loss_and_grads(num_scored: int | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        sample = sample_classes(labels, config.num_classes, num_scored)
+        scores = model(images, sample.classes)
+        loss = F.cross_entropy(scores + sample.logit_offset, sample.targets)
+        loss.backward()
+        return loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    full_loss, full_grads = loss_and_grads(None)
+    loss, grads = loss_and_grads(6)
+    torch.testing.assert_close(loss, full_loss)
+    for grad, full_grad in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(grad, full_grad, rtol=1e-4, atol=1e-7)
+    sampled_loss, _ = loss_and_grads(4)
+    assert not torch.isclose(sampled_loss, full_loss)
+
+
+def test_sampled_classes_train_the_scalable_layout_only(
+    tiny: SimpleNamespace, tmp_path: Path
+) -> None:
+    # 4 genera, 3 scored per step: the batch's 1-2 and 1-2 drawn from the others.
+    config = small_config(epochs=25, warmup_epochs=2, batch_size=2, sampled_classes=3)
+    train(tiny, tmp_path / "sampled", config, rank="genus")
+    metrics = read_metrics(tmp_path / "sampled" / "metrics.tsv")
+    # Validation scores all 4 genera (chance 0.25).
+    assert metrics["val_top1"].iloc[-3:].mean() >= 0.75
+    assert metrics["val_loss"].iloc[-1] < 0.8 * metrics["val_loss"].iloc[0]
+    with pytest.raises(ValueError, match=r"needs model\.layout: scalable"):
+        train(tiny, tmp_path / "reference", config, rank="genus", model_config={})
