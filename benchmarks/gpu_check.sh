@@ -10,6 +10,12 @@
 # Sections run one after the other, each under its own time limit, most important first; each
 # writes its log as it goes, so a section cut short still leaves what it measured. Wheels in
 # .whl/ (webdataset, braceexpand, ete3, timm: what the GPU image may lack) are installed first.
+# The GPU machine cannot download, so fetch them here first (ete3 ships only an sdist):
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp -d .whl webdataset==1.0.2 braceexpand timm==1.0.31
+#   python3 -m pip download --no-deps --no-binary=:all: -d /tmp/ete3 ete3==3.1.3
+#   python3 -m pip wheel --no-deps --no-build-isolation /tmp/ete3/ete3-3.1.3.tar.gz -w .whl
 set -u
 out=${OUT:-gpu_out}
 mkdir -p "$out"
