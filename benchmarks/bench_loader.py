@@ -10,7 +10,7 @@ Without ``--shards``, generates a demo set and its shards first (not timed). The
   included, as in training, where workers are re-created every epoch;
 - the training step alone (forward, backward, SGD step of Prompt-CAM on a small ViT) on one
   batch of random images reused, so no input cost at all;
-- a whole training epoch (:func:`promptcam.train.train_one_epoch`) fed by ``--workers`` workers.
+- a whole training epoch (:func:`promptcam.training.train.train_one_epoch`) fed by ``--workers`` workers.
 
 Prints one table. Training cannot run faster than the slower of its loader and its step.
 """
@@ -26,14 +26,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from promptcam.demo import DemoConfig, generate_demo_dataset
-from promptcam.evaluate import autocast, resolve_device
-from promptcam.metadata import MetadataSpec, prepare_metadata
-from promptcam.model import BackboneSpec, PromptCAM, PromptCAMConfig
-from promptcam.reader import ShardDataset, TransformConfig, make_loader
-from promptcam.shards import ShardConfig, write_shards
-from promptcam.splits import SplitConfig
-from promptcam.train import TrainConfig, build_optimizer, train_one_epoch
+from promptcam.data.metadata import MetadataSpec, prepare_metadata
+from promptcam.data.reader import ShardDataset, TransformConfig, make_loader
+from promptcam.data.shards import ShardConfig, write_shards
+from promptcam.data.splits import SplitConfig
+from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
+from promptcam.model.prompt_cam import PromptCAM
+from promptcam.model.spec import BackboneSpec, PromptCAMConfig
+from promptcam.training.runtime import autocast, resolve_device
+from promptcam.training.train import TrainConfig, build_optimizer, train_one_epoch
 
 LEVELS = ("family", "genus", "species")
 
@@ -115,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    # The demo backbone's architecture (promptcam.pretrain defaults), randomly initialised:
+    # The demo backbone's architecture (promptcam.demo.pretrain defaults), randomly initialised:
     # speed does not depend on the weights.
     vit = dict(img_size=args.img_size, patch_size=12, embed_dim=128, depth=6, num_heads=8)
     transform = TransformConfig(

@@ -3,7 +3,7 @@
     python benchmarks/bench_model.py                 # CPU: a small ViT, C = 200 and 1000
     python benchmarks/bench_model.py --full          # GPU: ViT-B/16, C = 200 ... 10000
 
-"ours" is :class:`promptcam.model.PromptCAM` (fused attention; bf16 autocast on CUDA).
+"ours" is :class:`promptcam.model.prompt_cam.PromptCAM` (fused attention; bf16 autocast on CUDA).
 "explicit" computes the same scores in fp32 with materialised softmax attention in every block,
 as the reference implementation does; in the reference layout its last block also computes the
 rows of all image tokens, which the reference computes and discards. The backbone is randomly
@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor
 
-from promptcam.model import BackboneSpec, PromptCAM, PromptCAMConfig
-from promptcam.train import sample_classes
+from promptcam.model.prompt_cam import PromptCAM
+from promptcam.model.spec import BackboneSpec, PromptCAMConfig
+from promptcam.training.train import sample_classes
 
 
 @dataclass(frozen=True)

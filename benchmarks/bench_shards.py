@@ -22,10 +22,10 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from promptcam.demo import DemoConfig, generate_demo_dataset
-from promptcam.metadata import MetadataSpec, prepare_metadata
-from promptcam.shards import ShardConfig, resized_size, write_shards
-from promptcam.splits import SplitConfig
+from promptcam.data.metadata import MetadataSpec, prepare_metadata
+from promptcam.data.shards import ShardConfig, resized_size, write_shards
+from promptcam.data.splits import SplitConfig
+from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
 
 LEVELS = ("family", "genus", "species")
 

@@ -3,9 +3,9 @@
     python benchmarks/bench_traits.py            # CPU: a small ViT, C = 200
     python benchmarks/bench_traits.py --full     # GPU: ViT-B/16 at 224 px, C = 200
 
-"batched" is :func:`promptcam.traits.greedy_heads`: one forward to the last block per batch,
+"batched" is :func:`promptcam.traits.search.greedy_heads`: one forward to the last block per batch,
 then one call per greedy step recomputing only the true class's row for all images and
-candidate heads. "naive" is :func:`promptcam.traits.greedy_heads_naive`: a full forward with
+candidate heads. "naive" is :func:`promptcam.traits.naive.greedy_heads_naive`: a full forward with
 materialised attention per image, step and candidate, as the reference does (H (H + 1) / 2
 forwards per image, plus one to classify it). Both run the full elimination in fp32; the run
 also checks that both found the same head order. Every image is searched: each image's target
@@ -23,8 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from promptcam.model import BackboneSpec, PromptCAM, PromptCAMConfig
-from promptcam.traits import EliminationTrace, EncodePrecision, greedy_heads, greedy_heads_naive
+from promptcam.config import EncodePrecision
+from promptcam.model.prompt_cam import PromptCAM
+from promptcam.model.spec import BackboneSpec, PromptCAMConfig
+from promptcam.traits.naive import greedy_heads_naive
+from promptcam.traits.search import EliminationTrace, greedy_heads
 
 
 @dataclass(frozen=True)

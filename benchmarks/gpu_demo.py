@@ -30,14 +30,14 @@ import torch
 import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from promptcam.demo import DemoConfig, generate_demo_dataset
-from promptcam.evaluate import EvalConfig, evaluate_rank
-from promptcam.metadata import MetadataSpec, prepare_metadata
-from promptcam.settings import merged, rank_train_settings
-from promptcam.shards import ShardConfig, write_shards
-from promptcam.splits import SplitConfig
-from promptcam.train import TrainConfig, train_rank
-from promptcam.traits import TraitRunConfig, run_rank_traits
+from promptcam.config import merged, rank_train_settings
+from promptcam.data.metadata import MetadataSpec, prepare_metadata
+from promptcam.data.shards import ShardConfig, write_shards
+from promptcam.data.splits import SplitConfig
+from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
+from promptcam.evaluation.evaluate import EvalConfig, evaluate_rank
+from promptcam.training.train import TrainConfig, train_rank
+from promptcam.traits.run import TraitRunConfig, run_rank_traits
 
 T = TypeVar("T")
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from promptcam.model import PromptCAM, load_checkpoint
-from promptcam.traits import evaluation_loader
+from promptcam.data.reader import TransformConfig, split_loader
+from promptcam.model.checkpoint import load_checkpoint
+from promptcam.model.prompt_cam import PromptCAM
 
 BACKENDS = {
     "default": None,
@@ -69,7 +70,13 @@ def main() -> None:
     model.config = dataclasses.replace(model.config, prompt_dropout=0.0)
     images, labels, _ = next(
         iter(
-            evaluation_loader(args.shards, args.rank, meta.preprocessing, args.batch, split="train")
+            split_loader(
+                args.shards,
+                "train",
+                args.rank,
+                TransformConfig.unaugmented(meta.preprocessing),
+                args.batch,
+            )
         )
     )
     reference, ref_loss, ref_top1 = gradients(model, images, labels, "cpu", False, "default")

@@ -27,16 +27,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from promptcam.localization import localization_report, patch_coverage, read_masks
-from promptcam.model import load_checkpoint
-from promptcam.traits import (
-    TargetRows,
-    evaluation_loader,
-    least_harmful,
-    score_candidates,
-    siblings_from_metadata,
-    target_rows,
-)
+from promptcam.data.reader import TransformConfig, split_loader
+from promptcam.evaluation.localization import localization_report, patch_coverage, read_masks
+from promptcam.model.checkpoint import load_checkpoint
+from promptcam.model.last_block import TargetRows, score_candidates, target_rows
+from promptcam.traits.cross_class import siblings_from_metadata
+from promptcam.traits.search import least_harmful
 
 CRITERIA = ("reference", "siblings", "centred", "mean-ablation")
 
@@ -96,7 +92,7 @@ def compare(
     table = pd.read_parquet(results / "data" / "metadata.parquet")
     siblings = siblings_from_metadata(table, levels, rank)
     shards = results / "shards"
-    loader = evaluation_loader(shards, rank, meta.preprocessing, batch_size=64)
+    loader = split_loader(shards, "test", rank, TransformConfig.unaugmented(meta.preprocessing), 64)
     all_tokens, all_labels, all_ids = [], [], []
     for images, labels, batch_meta in loader:
         all_tokens.append(model.encode_to_last_block(images))

@@ -23,8 +23,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from promptcam.model import load_checkpoint
-from promptcam.traits import evaluation_loader, target_rows
+from promptcam.data.reader import TransformConfig, split_loader
+from promptcam.model.checkpoint import load_checkpoint
+from promptcam.model.last_block import target_rows
 
 
 @torch.inference_mode()
@@ -61,8 +62,12 @@ def main() -> None:
         splits = {
             split: head_outputs(
                 model,
-                evaluation_loader(
-                    args.results / "shards", rank, meta.preprocessing, batch_size=64, split=split
+                split_loader(
+                    args.results / "shards",
+                    split,
+                    rank,
+                    TransformConfig.unaugmented(meta.preprocessing),
+                    64,
                 ),
             )
             for split in ("train", "test")

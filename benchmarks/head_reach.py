@@ -19,9 +19,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from promptcam.demo import DORSAL, MARKING, TAIL, DemoConfig
-from promptcam.pretrain import _fresh_demo_draw, last_block_tokens, normalise, part_shares
-from promptcam.train import backbone_spec
+from promptcam.demo.organisms import DORSAL, MARKING, TAIL, DemoConfig
+from promptcam.demo.pretrain import last_block_tokens, normalise, part_shares
+from promptcam.demo.probes import _fresh_demo_draw
+from promptcam.model.spec import backbone_spec
 
 PARTS = {"tail": TAIL, "dorsal fin": DORSAL, "marking": MARKING}
 MIN_COVERAGE = 0.25

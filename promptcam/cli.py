@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from promptcam.settings import ENCODE_PRECISIONS
+from promptcam.config import ENCODE_PRECISIONS
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -46,7 +46,7 @@ def _add_convert_reference_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_convert_reference(args: argparse.Namespace) -> int:
-    from promptcam.reference import convert_reference_checkpoint
+    from promptcam.model.reference import convert_reference_checkpoint
 
     label_names = None
     if args.label_names is not None:
@@ -79,7 +79,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from promptcam.predict import predict
+    from promptcam.model.predict import predict
 
     predict(
         args.checkpoint,
@@ -93,7 +93,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    from promptcam.pretrain import DEMO_BACKBONE, PretrainConfig
+    from promptcam.demo.pretrain import PretrainConfig
+    from promptcam.model.spec import DEMO_BACKBONE
 
     defaults = PretrainConfig()
     parser.add_argument("--out", type=Path, default=DEMO_BACKBONE, help="weights file to write")
@@ -118,7 +119,8 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from promptcam.pretrain import PretrainConfig, run_pretraining
+    from promptcam.demo.pretrain import PretrainConfig
+    from promptcam.demo.recipe import run_pretraining
 
     config = PretrainConfig(
         steps=args.steps,
@@ -174,8 +176,9 @@ def _add_probe_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_probe(args: argparse.Namespace) -> int:
     import torch
 
-    from promptcam.model import build_backbone
-    from promptcam.pretrain import demo_backbone_spec, probe_backbone, token_locality
+    from promptcam.demo.probes import probe_backbone, token_locality
+    from promptcam.model.backbone import build_backbone
+    from promptcam.model.spec import demo_backbone_spec
 
     torch.set_num_threads(args.threads)
     spec = demo_backbone_spec(args.weights)
@@ -212,7 +215,8 @@ def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_traits(args: argparse.Namespace) -> int:
-    from promptcam.traits import GreedyConfig, traits_for_images
+    from promptcam.traits.run import traits_for_images
+    from promptcam.traits.search import GreedyConfig
 
     traits_for_images(
         args.checkpoint,

@@ -1,6 +1,6 @@
-"""Snakemake adapter for rule evaluate: see promptcam.evaluate.evaluate_rank."""
+"""Snakemake adapter for rule evaluate: see promptcam.evaluation.evaluate.evaluate_rank."""
 
-from promptcam.evaluate import EvalConfig, evaluate_rank
+from promptcam.evaluation.evaluate import EvalConfig, evaluate_rank
 from promptcam.joblog import job_log
 
 

@@ -1,6 +1,6 @@
-"""Snakemake adapter for rule fidelity: see promptcam.fidelity.run_rank_fidelity."""
+"""Snakemake adapter for rule fidelity: see promptcam.evaluation.fidelity.run_rank_fidelity."""
 
-from promptcam.fidelity import FidelityConfig, run_rank_fidelity
+from promptcam.evaluation.fidelity import FidelityConfig, run_rank_fidelity
 from promptcam.joblog import job_log
 
 

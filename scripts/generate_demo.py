@@ -1,8 +1,8 @@
-"""Snakemake adapter for rule generate_demo: see promptcam.demo.generate_demo_dataset."""
+"""Snakemake adapter for rule generate_demo: see promptcam.demo.organisms.generate_demo_dataset."""
 
 from pathlib import Path
 
-from promptcam.demo import DemoConfig, generate_demo_dataset
+from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
 from promptcam.joblog import job_log
 
 

@@ -1,9 +1,9 @@
-"""Snakemake adapter for rule localization: see promptcam.localization.run_rank_localization."""
+"""Snakemake adapter for rule localization: see promptcam.evaluation.localization.run_rank_localization."""
 
 import torch
 
+from promptcam.evaluation.localization import run_rank_localization
 from promptcam.joblog import job_log
-from promptcam.localization import run_rank_localization
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
-"""Snakemake adapter for rule prepare_metadata: see promptcam.metadata.prepare_metadata."""
+"""Snakemake adapter for rule prepare_metadata: see promptcam.data.metadata.prepare_metadata."""
 
 from pathlib import Path
 
+from promptcam.data.metadata import MetadataSpec, prepare_metadata
+from promptcam.data.splits import SplitConfig
 from promptcam.joblog import job_log
-from promptcam.metadata import MetadataSpec, prepare_metadata
-from promptcam.splits import SplitConfig
 
 
 def main() -> None:

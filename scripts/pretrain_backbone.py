@@ -1,7 +1,8 @@
 """Snakemake adapter: pre-train the demo backbone in stages and export its weights and card."""
 
+from promptcam.demo.pretrain import PretrainConfig
+from promptcam.demo.recipe import run_pretraining_stages
 from promptcam.joblog import job_log
-from promptcam.pretrain import PretrainConfig, run_pretraining_stages
 
 
 def main() -> None:

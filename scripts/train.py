@@ -1,9 +1,9 @@
-"""Snakemake adapter for rule train: see promptcam.train.train_rank."""
+"""Snakemake adapter for rule train: see promptcam.training.train.train_rank."""
 
 from pathlib import Path
 
 from promptcam.joblog import job_log
-from promptcam.train import TrainConfig, train_rank
+from promptcam.training.train import TrainConfig, train_rank
 
 
 def main() -> None:

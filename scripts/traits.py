@@ -1,7 +1,8 @@
-"""Snakemake adapter for rule traits: see promptcam.traits.run_rank_traits."""
+"""Snakemake adapter for rule traits: see promptcam.traits.run.run_rank_traits."""
 
 from promptcam.joblog import job_log
-from promptcam.traits import TraitRunConfig, run_rank_traits, siblings_from_taxonomy
+from promptcam.traits.cross_class import siblings_from_taxonomy
+from promptcam.traits.run import TraitRunConfig, run_rank_traits
 
 
 def main() -> None:

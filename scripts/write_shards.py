@@ -1,9 +1,9 @@
-"""Snakemake adapter for rule write_shards: see promptcam.shards.write_shards."""
+"""Snakemake adapter for rule write_shards: see promptcam.data.shards.write_shards."""
 
 from pathlib import Path
 
+from promptcam.data.shards import ShardConfig, write_shards
 from promptcam.joblog import job_log
-from promptcam.shards import ShardConfig, write_shards
 
 
 def main() -> None:

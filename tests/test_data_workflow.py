@@ -13,10 +13,10 @@ import yaml
 from snakemake.utils import validate
 from snakemake_interface_common.exceptions import WorkflowError
 
-from promptcam.demo import DemoConfig, generate_demo_dataset
+from promptcam.config import merged, rank_train_settings
+from promptcam.data.taxonomy import classes_at_rank, load_taxonomy
+from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
 from promptcam.io import sha256_file
-from promptcam.settings import merged, rank_train_settings
-from promptcam.taxonomy import classes_at_rank, load_taxonomy
 
 TINY = DemoConfig(
     n_families=2, genera_per_family=1, species_per_genus=2, images_per_species=3, image_size=48

@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from promptcam.demo import (
+from promptcam.data.masks import decode_trait_mask
+from promptcam.demo.organisms import (
     BODY,
     DEMO_LEVELS,
     DORSAL,
@@ -20,7 +21,6 @@ from promptcam.demo import (
     DemoConfig,
     OrganismSpec,
     build_taxonomy,
-    decode_trait_mask,
     generate_demo_dataset,
     random_spec,
     render_organism,

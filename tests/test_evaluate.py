@@ -12,18 +12,18 @@ import pytest
 import torch
 from test_train import SCALABLE, build_tiny_shards, sharpened_backbone, small_config
 
-from promptcam.evaluate import (
+from promptcam.data.reader import load_manifest, split_size
+from promptcam.evaluation.evaluate import (
     EvalConfig,
     classification_report,
     confusion_matrix,
     evaluate_rank,
     per_class_accuracy,
-    topk_accuracy,
     write_confusion_tsv,
 )
-from promptcam.linear_probe import LinearProbeConfig, fit_linear_probe
-from promptcam.reader import load_manifest, split_size
-from promptcam.train import train_rank
+from promptcam.evaluation.linear_probe import LinearProbeConfig, fit_linear_probe
+from promptcam.training.runtime import topk_accuracy
+from promptcam.training.train import train_rank
 
 torch.set_num_threads(1)
 

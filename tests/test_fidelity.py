@@ -14,8 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from promptcam.cams import CAM_METHODS, LinearProbe, compute_cams, record
-from promptcam.fidelity import (
+from promptcam.evaluation.cams import CAM_METHODS, LinearProbe, compute_cams, record
+from promptcam.evaluation.fidelity import (
     FidelityConfig,
     auc,
     blurred_copy,
@@ -27,13 +27,10 @@ from promptcam.fidelity import (
     prompt_cam_saliency,
     run_rank_fidelity,
 )
-from promptcam.model import (
-    BackboneSpec,
-    PromptCAM,
-    PromptCAMConfig,
-    build_backbone,
-    save_checkpoint,
-)
+from promptcam.model.backbone import build_backbone
+from promptcam.model.checkpoint import save_checkpoint
+from promptcam.model.prompt_cam import PromptCAM
+from promptcam.model.spec import BackboneSpec, PromptCAMConfig
 
 torch.set_num_threads(1)
 
@@ -208,16 +205,13 @@ def test_probe_from_sklearn_folds_the_standardisation() -> None:
 @pytest.fixture(scope="module")
 def rank_outputs(tmp_path_factory) -> dict[str, Path]:
     """Tiny demo shards, a random Prompt-CAM for genus, and the traits rule's outputs."""
-    from promptcam.demo import DemoConfig, generate_demo_dataset
-    from promptcam.metadata import MetadataSpec, prepare_metadata, read_label_map
-    from promptcam.shards import ShardConfig, write_shards
-    from promptcam.splits import SplitConfig
-    from promptcam.traits import (
-        GreedyConfig,
-        TraitRunConfig,
-        run_rank_traits,
-        siblings_from_metadata,
-    )
+    from promptcam.data.metadata import MetadataSpec, prepare_metadata, read_label_map
+    from promptcam.data.shards import ShardConfig, write_shards
+    from promptcam.data.splits import SplitConfig
+    from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
+    from promptcam.traits.cross_class import siblings_from_metadata
+    from promptcam.traits.run import TraitRunConfig, run_rank_traits
+    from promptcam.traits.search import GreedyConfig
 
     levels = ("family", "genus", "species")
     work = tmp_path_factory.mktemp("rank")
@@ -290,7 +284,7 @@ def test_traits_rule_outputs(rank_outputs) -> None:
 
 
 def test_localization_on_the_demo_masks(rank_outputs) -> None:
-    from promptcam.localization import run_rank_localization
+    from promptcam.evaluation.localization import run_rank_localization
 
     out = rank_outputs["out"] / "localization.json"
     report = run_rank_localization(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from promptcam.localization import (
+from promptcam.evaluation.localization import (
     energy_in_mask,
     localization_report,
     patch_coverage,

@@ -12,7 +12,7 @@ import pytest
 from ete3 import Tree
 from PIL import Image
 
-from promptcam.metadata import (
+from promptcam.data.metadata import (
     MetadataError,
     MetadataSpec,
     load_metadata,
@@ -20,9 +20,9 @@ from promptcam.metadata import (
     read_label_map,
     read_table,
 )
-from promptcam.shards import ShardConfig, write_shards
-from promptcam.splits import SplitConfig
-from promptcam.taxonomy import classes_at_rank, lineage, load_taxonomy, ranks, siblings
+from promptcam.data.shards import ShardConfig, write_shards
+from promptcam.data.splits import SplitConfig
+from promptcam.data.taxonomy import classes_at_rank, lineage, load_taxonomy, ranks, siblings
 
 LEVELS = ("family", "genus", "species")
 TAXA = [

@@ -11,15 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from promptcam.model import (
-    BackboneMismatchError,
-    BackboneSpec,
-    PromptCAM,
-    PromptCAMConfig,
-    build_backbone,
-    load_checkpoint,
-    save_checkpoint,
-)
+from promptcam.model.backbone import build_backbone
+from promptcam.model.checkpoint import BackboneMismatchError, load_checkpoint, save_checkpoint
+from promptcam.model.prompt_cam import PromptCAM
+from promptcam.model.spec import BackboneSpec, PromptCAMConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)

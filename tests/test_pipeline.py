@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from promptcam.data.metadata import read_label_map
+from promptcam.data.taxonomy import classes_at_rank, load_taxonomy
 from promptcam.io import sha256_file
-from promptcam.metadata import read_label_map
-from promptcam.model import load_checkpoint
-from promptcam.taxonomy import classes_at_rank, load_taxonomy
+from promptcam.model.checkpoint import load_checkpoint
 
 RANKS = ("family", "genus", "species")
 N_CLASSES = {"family": 2, "genus": 4, "species": 8}

@@ -7,21 +7,20 @@ import json
 import pytest
 import torch
 
-from promptcam import pretrain as pretrain_module
-from promptcam.io import sha256_file
-from promptcam.pretrain import (
-    DEMO_BACKBONE,
+from promptcam.demo import pretrain as pretrain_module
+from promptcam.demo.pretrain import (
     FreshOrganisms,
     PretextModel,
     PretrainConfig,
     _locality_losses,
     canonical_cell_weights,
-    demo_backbone_spec,
     normalise,
     part_shares,
     pretext_losses,
     pretrain,
 )
+from promptcam.io import sha256_file
+from promptcam.model.spec import DEMO_BACKBONE, demo_backbone_spec
 
 TINY = dict(
     image_size=48,
@@ -261,8 +260,8 @@ def test_locality_stage_keeps_the_species_out_of_tokens_away_from_the_traits(rep
 def test_label_free_candidate_passes_the_probe_target(repo_root):
     """Issue 5's quality bar, recomputed: linear probes on a fresh demo draw >= 0.85 at
     every rank from a backbone that never saw a shape name or a taxon."""
-    from promptcam.model import build_backbone
-    from promptcam.pretrain import probe_backbone
+    from promptcam.demo.probes import probe_backbone
+    from promptcam.model.backbone import build_backbone
 
     weights = repo_root / "pretrain" / "demo_vit_labelfree.pt"
     spec = demo_backbone_spec(weights)

@@ -11,17 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from promptcam.demo import DemoConfig, generate_demo_dataset
-from promptcam.metadata import MetadataSpec, prepare_metadata, read_label_map
-from promptcam.reader import (
+from promptcam.data.metadata import MetadataSpec, prepare_metadata, read_label_map
+from promptcam.data.reader import (
     ShardDataset,
     TransformConfig,
     load_manifest,
     make_loader,
     split_size,
 )
-from promptcam.shards import ShardConfig, write_shards
-from promptcam.splits import SplitConfig
+from promptcam.data.shards import ShardConfig, write_shards
+from promptcam.data.splits import SplitConfig
+from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
 
 LEVELS = ("family", "genus", "species")
 SMALL = TransformConfig(img_size=56, resize_size=64)

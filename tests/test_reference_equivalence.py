@@ -20,8 +20,8 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
 from promptcam.cli import main
-from promptcam.model import load_checkpoint
-from promptcam.predict import load_image
+from promptcam.model.checkpoint import load_checkpoint
+from promptcam.model.predict import load_image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from promptcam.demo import DemoConfig, generate_demo_dataset
+from promptcam.data.metadata import MetadataSpec, prepare_metadata, read_label_map
+from promptcam.data.shards import ShardConfig, load_image, resized_size, write_shards
+from promptcam.data.splits import SplitConfig
+from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
 from promptcam.io import sha256_file
-from promptcam.metadata import MetadataSpec, prepare_metadata, read_label_map
-from promptcam.shards import ShardConfig, load_image, resized_size, write_shards
-from promptcam.splits import SplitConfig
 
 LEVELS = ("family", "genus", "species")
 DEMO = DemoConfig(

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from promptcam.splits import SPLITS, SplitConfig, assign_splits, split_counts, summarize_splits
+from promptcam.data.splits import SPLITS, SplitConfig, assign_splits, split_counts, summarize_splits
 
 
 def make_samples(class_sizes: dict[str, int]) -> tuple[pd.Series, pd.Series]:

@@ -26,15 +26,17 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
-import promptcam.train as train_module
-from promptcam.evaluate import autocast
+import promptcam.training.train as train_module
+from promptcam.data.metadata import MetadataSpec, prepare_metadata
+from promptcam.data.reader import ShardDataset
+from promptcam.data.shards import ShardConfig, write_shards
+from promptcam.data.splits import SplitConfig
 from promptcam.io import sha256_file
-from promptcam.metadata import MetadataSpec, prepare_metadata
-from promptcam.model import BackboneSpec, PromptCAM, PromptCAMConfig, load_checkpoint
-from promptcam.reader import ShardDataset
-from promptcam.shards import ShardConfig, write_shards
-from promptcam.splits import SplitConfig
-from promptcam.train import (
+from promptcam.model.checkpoint import load_checkpoint
+from promptcam.model.prompt_cam import PromptCAM
+from promptcam.model.spec import BackboneSpec, PromptCAMConfig
+from promptcam.training.runtime import autocast
+from promptcam.training.train import (
     METRICS_COLUMNS,
     TrainConfig,
     learning_rate,

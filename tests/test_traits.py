@@ -9,25 +9,26 @@ import torch
 from PIL import Image
 
 from promptcam.cli import main as cli_main
-from promptcam.model import BackboneSpec, PromptCAM, PromptCAMConfig, save_checkpoint
-from promptcam.traits import (
+from promptcam.model.checkpoint import save_checkpoint
+from promptcam.model.last_block import encode_for_search, score_candidates, target_rows
+from promptcam.model.prompt_cam import PromptCAM
+from promptcam.model.spec import BackboneSpec, PromptCAMConfig
+from promptcam.traits.cross_class import (
     CrossClassAccumulator,
-    EliminationTrace,
-    GreedyConfig,
-    class_summary,
     cross_class_pairs,
     cross_class_table,
-    encode_for_search,
+    siblings_from_metadata,
+)
+from promptcam.traits.naive import greedy_heads_naive
+from promptcam.traits.search import (
+    EliminationTrace,
+    GreedyConfig,
     greedy_heads,
-    greedy_heads_naive,
     identify_traits,
     least_harmful,
-    score_candidates,
-    search_table,
-    siblings_from_metadata,
     stop_search,
-    target_rows,
 )
+from promptcam.traits.tables import class_summary, search_table
 
 torch.set_num_threads(1)
 

@@ -4,7 +4,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 import promptcam
-from promptcam.settings import rank_train_settings
+from promptcam.config import rank_train_settings
 
 
 def levels():
@@ -140,7 +140,7 @@ def probe_settings():
 def backbone_weights():
     """The backbone's files as inputs (none for a randomly initialised backbone).
 
-    "demo" is the ViT shipped in the installed package (promptcam.pretrain.DEMO_BACKBONE) and
+    "demo" is the ViT shipped in the installed package (promptcam.model.spec.DEMO_BACKBONE) and
     its card (timm name, architecture, sha256); the path is found without importing torch,
     which would slow every workflow start.
     """

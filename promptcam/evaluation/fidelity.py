@@ -34,6 +34,7 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import Tensor
 
+from promptcam.data.reader import TransformConfig, split_loader
 from promptcam.io import atomic_open, write_json
 
 LOGGER = logging.getLogger(__name__)
@@ -280,22 +281,26 @@ def _fit_probe(
     config: FidelityConfig,
     device: torch.device,
 ) -> Any:
-    """The linear probe of promptcam.linear_probe, refitted (deterministically) on train/val."""
-    from promptcam.cams import LinearProbe
-    from promptcam.linear_probe import LinearProbeConfig, backbone_features, fit_linear_probe
-    from promptcam.traits import evaluation_loader
+    """The linear probe of promptcam.evaluation.linear_probe, refitted (deterministically) on train/val."""
+    from promptcam.evaluation.cams import LinearProbe
+    from promptcam.evaluation.linear_probe import (
+        LinearProbeConfig,
+        backbone_features,
+        fit_linear_probe,
+    )
 
     probe_config = LinearProbeConfig.from_dict(config.linear_probe)
     features = {
         split: backbone_features(
             model.backbone,
-            evaluation_loader(
+            split_loader(
                 shards_dir,
+                split,
                 rank,
-                meta.preprocessing,
+                TransformConfig.unaugmented(meta.preprocessing),
                 config.batch_size,
                 config.num_workers,
-                split=split,
+                device,
             ),
             device,
             probe_config.pool,
@@ -362,9 +367,9 @@ def run_rank_fidelity(
     scored), ``insertion``, ``deletion`` (mean AUCs), ``n_images``. ``counterfactual.json``:
     :func:`counterfactual_report` and the settings.
     """
-    from promptcam.cams import compute_cams
-    from promptcam.model import load_checkpoint, resolve_device
-    from promptcam.traits import evaluation_loader
+    from promptcam.evaluation.cams import compute_cams
+    from promptcam.model.checkpoint import load_checkpoint
+    from promptcam.training.runtime import resolve_device
 
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
@@ -380,8 +385,14 @@ def run_rank_fidelity(
     aucs: dict[str, dict[str, list[np.ndarray]]] = {}
     flips: dict[str, list[np.ndarray]] = {}
     seen = 0
-    loader = evaluation_loader(
-        shards_dir, rank, meta.preprocessing, config.batch_size, config.num_workers
+    loader = split_loader(
+        shards_dir,
+        "test",
+        rank,
+        TransformConfig.unaugmented(meta.preprocessing),
+        config.batch_size,
+        config.num_workers,
+        device,
     )
     for images, labels, batch_meta in loader:
         take = (

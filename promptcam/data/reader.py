@@ -24,7 +24,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from promptcam.shards import MANIFEST_NAME
+from promptcam.data.shards import MANIFEST_NAME
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,14 @@ class TransformConfig:
     resize_size: int = 240
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def unaugmented(cls, preprocessing: Any) -> TransformConfig:
+        """Evaluation transform of a checkpoint's preprocessing (``img_size``, ``mean``, ``std``;
+        :class:`promptcam.model.spec.Preprocessing`)."""
+        return cls(
+            img_size=preprocessing.img_size[0], mean=preprocessing.mean, std=preprocessing.std
+        )
 
 
 def build_transform(config: TransformConfig, train: bool) -> v2.Compose:
@@ -86,8 +94,11 @@ def split_size(manifest: dict[str, Any], split: str) -> int:
     return int(manifest["splits"][split]["n_samples"])
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+def epoch_seed(seed: int, epoch: int, bits: Literal[32, 63] = 63) -> int:
+    """A well-mixed seed for ``(seed, epoch)``: 63 bits for torch, numpy and random, 32 bits for
+    webdataset's shard and sample shuffles (the low word of the same draw)."""
+    state = int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0])
+    return state & 0xFFFF_FFFF if bits == 32 else state >> 1
 
 
 class ShardDataset(IterableDataset):
@@ -144,7 +155,7 @@ class ShardDataset(IterableDataset):
 
     def pipeline(self) -> wds.WebDataset:
         urls = [str(self.shards_dir / entry["file"]) for entry in self.shards]
-        seed = _epoch_seed(self.seed, self.epoch)
+        seed = epoch_seed(self.seed, self.epoch, bits=32)
         dataset = wds.WebDataset(
             urls,
             shardshuffle=len(urls) if self.shuffle_buffer > 0 else False,
@@ -192,3 +203,31 @@ def make_loader(
         # Workers must be re-created each epoch so that set_epoch() reaches them.
         persistent_workers=False,
     )
+
+
+def useful_workers(dataset: ShardDataset, requested: int) -> int:
+    """``requested`` capped at the split's shard count: a worker without a shard (they are dealt
+    out whole) yields nothing, yet still costs a process start every epoch. Batches arrive in
+    the same order either way, since the DataLoader skips exhausted workers."""
+    return min(requested, len(dataset.shards))
+
+
+def split_loader(
+    shards_dir: str | os.PathLike,
+    split: str,
+    rank: str,
+    transform: TransformConfig,
+    batch_size: int,
+    num_workers: int = 0,
+    device: torch.device | None = None,
+    *,
+    with_mask: bool = False,
+) -> DataLoader:
+    """The one loader of a whole split in order: unshuffled and unaugmented (evaluation, trait
+    search, features, validation). Memory is pinned for a CUDA ``device``."""
+    dataset = ShardDataset(
+        shards_dir, split, rank, train=False, transform=transform, with_mask=with_mask
+    )
+    workers = useful_workers(dataset, num_workers)
+    pin = device is not None and device.type == "cuda"
+    return make_loader(dataset, batch_size, workers, pin_memory=pin)

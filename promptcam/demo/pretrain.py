@@ -13,7 +13,7 @@ download, so this module makes one from the demo generator's geometry alone:
   not be able to read a part's shape from the tokens entering the last block that do not show
   that part, so that Prompt-CAM's class prompts find each trait only where it is.
 
-Images come from :func:`promptcam.demo.random_spec`, i.e. any combination of trait
+Images come from :func:`promptcam.demo.organisms.random_spec`, i.e. any combination of trait
 variants, drawn from a seed stream disjoint from the demo dataset's. The taxonomy labels
 are never used.
 """
@@ -38,7 +38,7 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from promptcam.demo import (
+from promptcam.demo.organisms import (
     DORSAL,
     DORSAL_SHAPES,
     MARK_PLACES,
@@ -46,7 +46,6 @@ from promptcam.demo import (
     MARK_SIDES,
     MARKING,
     PART_NAMES,
-    RANK_TRAIT_PARTS,
     TAIL,
     TAIL_SHAPES,
     OrganismSpec,
@@ -54,12 +53,14 @@ from promptcam.demo import (
     render_organism,
 )
 from promptcam.io import atomic_path, sha256_file, write_json
-from promptcam.model import resolve_device
 
 log = logging.getLogger(__name__)
 
+
 # Disjoint from the demo dataset's seeds, which are SeedSequence([seed, species, replicate]).
 _PRETRAIN_STREAM = 0x5EED_F00D
+
+
 # The generator's shape vocabulary, per trait; stage 2 predicts these per patch and per image.
 _TRAIT_VARIANTS = {
     "tail": TAIL_SHAPES,
@@ -68,8 +69,14 @@ _TRAIT_VARIANTS = {
     "mark_shape": MARK_SHAPES,
     "mark_side": MARK_SIDES,
 }
+
+
 BACKBONE_TIMM_NAME = "vit_tiny_patch16_224"  # architecture family; size set by `vit_kwargs`
+
+
 PIXEL_MEAN = (0.5, 0.5, 0.5)
+
+
 PIXEL_STD = (0.5, 0.5, 0.5)
 
 
@@ -321,6 +328,8 @@ _TRAIT_PARTS = {
     "mark_shape": MARKING,
     "mark_side": MARKING,
 }
+
+
 _MIN_PART_SHARE = 0.1
 
 
@@ -534,239 +543,7 @@ def export_backbone(
     return card
 
 
-DEMO_BACKBONE = Path(__file__).parent / "assets" / "demo_vit.pt"
-
-
-def demo_backbone_spec(weights: str | Path = DEMO_BACKBONE) -> dict[str, Any]:
-    """The backbone entry (timm name, weight file, timm kwargs) of an exported demo backbone.
-
-    Checks the weight file against the sha256 its card records, so a corrupted or
-    regenerated-but-not-recorded file is caught before any training starts.
-    """
-    weights = Path(weights)
-    card = json.loads(weights.with_suffix(".json").read_text())
-    actual = sha256_file(weights)
-    if actual != card["sha256"]:
-        raise ValueError(
-            f"{weights}: sha256 {actual} does not match its card ({card['sha256']}); "
-            "regenerate it with the command in the card, or restore the file from git"
-        )
-    return {"name": card["timm_name"], "weights": str(weights), "kwargs": card["timm_kwargs"]}
-
-
 def load_pretrain_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
     values: dict[str, Any] = json.loads(Path(path).read_text()) if path else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     return PretrainConfig(**values)
-
-
-# ----------------------------------------------------------------------------- quality probes
-
-
-@dataclass(frozen=True)
-class ProbeReport:
-    linear_probe_top1: dict[str, float]
-    part_probe_accuracy: float
-    n_train: int
-    n_test: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _fresh_demo_draw(
-    demo: Any, image_size: int, per_species: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    from promptcam.demo import DEMO_LEVELS, build_taxonomy
-
-    taxa = build_taxonomy(demo)
-    images, parts, labels = [], [], {level: [] for level in DEMO_LEVELS}
-    for species_index, taxon in enumerate(taxa):
-        for replicate in range(per_species):
-            rng = np.random.default_rng(
-                np.random.SeedSequence([seed, 0xD1A6, species_index, replicate])
-            )
-            rendering = render_organism(taxon.spec, image_size, rng)
-            images.append(rendering.image)
-            parts.append(rendering.parts)
-            for level in DEMO_LEVELS:
-                labels[level].append(getattr(taxon, level))
-    return np.stack(images), np.stack(parts), {k: np.array(v) for k, v in labels.items()}
-
-
-def _patch_part_shares(parts: np.ndarray, patch_size: int) -> torch.Tensor:
-    """(N, H, W) part indices -> (N, patches, parts) area share of each part in each patch."""
-    return part_shares(torch.from_numpy(parts.astype(np.int64)), patch_size, 1)[:, :, 0]
-
-
-@torch.no_grad()
-def _features(
-    backbone: VisionTransformer, images: np.ndarray, last_block_input: bool = False
-) -> torch.Tensor:
-    """Patch tokens (N, patches, D) of uint8 images (N, H, W, 3): the backbone's output, or
-    what enters its last block."""
-    backbone.eval()
-    out = []
-    for start in range(0, len(images), 128):
-        chunk = normalise(torch.from_numpy(images[start : start + 128]).permute(0, 3, 1, 2))
-        tokens = (
-            last_block_tokens(backbone, chunk)
-            if last_block_input
-            else backbone.forward_features(chunk)
-        )
-        out.append(tokens[:, backbone.num_prefix_tokens :])
-    return torch.cat(out)
-
-
-def probe_backbone(
-    backbone: VisionTransformer,
-    image_size: int,
-    patch_size: int,
-    per_species: int = 60,
-    seed: int = 99,
-) -> ProbeReport:
-    """Linear probes on frozen features of a fresh demo draw (never the shipped dataset).
-
-    Taxonomy probe: multinomial logistic regression on the mean of the patch tokens, per
-    rank, trained on the first two thirds of each species' images, scored on the rest.
-    Part probe: logistic regression from each patch token to the patch's majority body part.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    from promptcam.demo import DemoConfig
-
-    images, parts, labels = _fresh_demo_draw(DemoConfig(), image_size, per_species, seed)
-    tokens = _features(backbone, images)  # (N, P, D)
-    n = len(images)
-    is_train = (np.arange(n) % per_species) < (2 * per_species) // 3
-    pooled = StandardScaler().fit_transform(tokens.mean(1).numpy())
-    top1 = {}
-    for level, y in labels.items():
-        clf = LogisticRegression(max_iter=2000, C=1.0).fit(pooled[is_train], y[is_train])
-        top1[level] = float((clf.predict(pooled[~is_train]) == y[~is_train]).mean())
-
-    majority = _patch_part_shares(parts, patch_size).argmax(-1).numpy()
-    patch_features = tokens.numpy()
-    scaler = StandardScaler().fit(patch_features[is_train].reshape(-1, tokens.shape[-1]))
-    x_train = scaler.transform(patch_features[is_train].reshape(-1, tokens.shape[-1]))
-    x_test = scaler.transform(patch_features[~is_train].reshape(-1, tokens.shape[-1]))
-    part_clf = LogisticRegression(max_iter=500).fit(x_train, majority[is_train].reshape(-1))
-    part_accuracy = float((part_clf.predict(x_test) == majority[~is_train].reshape(-1)).mean())
-    return ProbeReport(top1, part_accuracy, int(is_train.sum()), int((~is_train).sum()))
-
-
-def token_locality(
-    backbone: VisionTransformer,
-    image_size: int,
-    patch_size: int,
-    per_species: int = 40,
-    seed: int = 7,
-    max_tokens: int = 6000,
-) -> dict[str, dict[str, float]]:
-    """Where does a rank's information sit in the tokens entering the last block?
-
-    Per rank, a logistic regression from single tokens to the rank's label: once on the
-    tokens that show the rank's trait, once on the tokens that neither show nor touch any
-    trait (tail, dorsal fin, marking; 3 x 3 patch neighbourhood). A local backbone reads the
-    rank on the trait and is near chance away from every trait. Fresh demo draw (two thirds
-    of each species' images to fit, the rest to score), at most ``max_tokens`` tokens each.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    from promptcam.demo import DemoConfig
-
-    images, parts, labels = _fresh_demo_draw(DemoConfig(), image_size, per_species, seed)
-    tokens = _features(backbone, images, last_block_input=True).numpy()
-    n, grid = len(images), image_size // patch_size
-    is_train = (np.arange(n) % per_species) < (2 * per_species) // 3
-    shows = _patch_part_shares(parts, patch_size) > 0  # (N, patches, parts)
-    any_trait = shows[..., list(RANK_TRAIT_PARTS.values())].any(-1).float()
-    near_any = F.max_pool2d(any_trait.view(n, 1, grid, grid), 3, 1, 1) > 0
-    far = ~near_any.reshape(n, grid * grid).numpy()
-    rng = np.random.default_rng(seed)
-
-    def accuracy(selected: np.ndarray, y: np.ndarray) -> float:
-        def pick(split: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
-            x = tokens[split][selected[split]]
-            labels_per_token = np.repeat(y[split], selected[split].sum(1))
-            keep = rng.choice(len(x), min(limit, len(x)), replace=False)
-            return x[keep], labels_per_token[keep]
-
-        x_fit, y_fit = pick(is_train, max_tokens)
-        x_test, y_test = pick(~is_train, max_tokens)
-        scaler = StandardScaler().fit(x_fit)
-        clf = LogisticRegression(max_iter=300, C=0.1).fit(scaler.transform(x_fit), y_fit)
-        return float((clf.predict(scaler.transform(x_test)) == y_test).mean())
-
-    report = {}
-    for rank, part in RANK_TRAIT_PARTS.items():
-        y = labels[rank]
-        on_trait = shows[..., part].numpy()
-        report[rank] = {
-            "on_trait_top1": accuracy(on_trait, y),
-            "far_from_traits_top1": accuracy(far, y),
-            "chance": 1.0 / len(set(y)),
-        }
-    return report
-
-
-def run_pretraining(
-    config: PretrainConfig,
-    work_dir: str | Path,
-    out_path: str | Path,
-    *,
-    command: str,
-    device: str = "auto",
-    probe_per_species: int = 60,
-) -> dict[str, Any]:
-    """Pre-train (resuming if ``work_dir`` holds a state), probe the result, export weights+card."""
-    device = str(resolve_device(device))
-    result = pretrain(config, work_dir, device=device)
-    log.info("pre-training finished: %d steps in %.0f s", result.steps, result.seconds)
-    quality = None
-    if probe_per_species > 0:
-        model = PretextModel(config)
-        state = torch.load(Path(work_dir) / "state.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        report = probe_backbone(
-            model.backbone, config.image_size, config.patch_size, per_species=probe_per_species
-        )
-        quality = report.as_dict()
-        log.info("probe: %s", quality)
-    return export_backbone(work_dir, out_path, command, quality)
-
-
-def run_pretraining_stages(
-    config: PretrainConfig,
-    stages: list[dict[str, Any]],
-    work_dir: str | Path,
-    out_path: str | Path,
-    *,
-    command: str,
-    device: str = "auto",
-    probe_per_species: int = 60,
-) -> dict[str, Any]:
-    """Run ``stages`` in order, each starting from the previous stage's exported backbone.
-
-    Every stage's settings override ``config``; only the last stage is probed. Each stage
-    resumes on its own, so a killed chain restarts where it stopped.
-    """
-    work = Path(work_dir)
-    previous: str | None = None
-    card: dict[str, Any] = {}
-    for index, overrides in enumerate(stages, start=1):
-        stage = replace(config, **overrides, init_from=previous)
-        last = index == len(stages)
-        stage_out = Path(out_path) if last else work / f"stage{index}.pt"
-        card = run_pretraining(
-            stage,
-            work / f"stage{index}",
-            stage_out,
-            command=f"{command} (stage {index} of {len(stages)})",
-            device=device,
-            probe_per_species=probe_per_species if last else 0,
-        )
-        previous = str(stage_out)
-    return card

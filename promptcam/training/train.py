@@ -20,7 +20,7 @@ earlier one on ties. The test split is never read here.
 Outputs in ``out_dir``:
 
 - ``model.pt``: the selected epoch's trainable tensors, the model config, the label names and
-  the backbone's identity (:func:`promptcam.model.save_checkpoint`), written at the end;
+  the backbone's identity (:func:`promptcam.model.checkpoint.save_checkpoint`), written at the end;
 - ``metrics.tsv``: one row per finished epoch (``epoch`` counts from 1, ``lr`` at the epoch's
   last step, ``train_loss``, ``train_top1``, ``val_loss``, ``val_top1``, ``seconds``; with
   ``sampled_classes`` the train columns are over each step's scored classes, validation
@@ -46,60 +46,59 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from promptcam.evaluate import (
+from promptcam.data.metadata import read_label_names
+from promptcam.data.reader import (
+    ShardDataset,
+    TransformConfig,
+    epoch_seed,
+    load_manifest,
+    make_loader,
+    split_loader,
+    split_size,
+    useful_workers,
+)
+from promptcam.io import atomic_open, atomic_path, sha256_file
+from promptcam.model.checkpoint import load_trainable, save_checkpoint, trainable_state
+from promptcam.model.prompt_cam import PromptCAM
+from promptcam.model.spec import (
+    BackboneSpec,
+    Preprocessing,
+    PromptCAMConfig,
+    backbone_spec,
+)
+from promptcam.training.runtime import (
     autocast,
     batches,
     collect_scores,
     mean_loss,
     resolve_device,
-    split_loader,
+    seed_everything,
     topk_accuracy,
-    useful_workers,
 )
-from promptcam.io import atomic_open, atomic_path, sha256_file
-from promptcam.metadata import read_label_map
-from promptcam.model import BackboneSpec, Preprocessing, PromptCAM, PromptCAMConfig, save_checkpoint
-from promptcam.pretrain import demo_backbone_spec
-from promptcam.reader import (
-    ShardDataset,
-    TransformConfig,
-    load_manifest,
-    make_loader,
-    split_size,
-)
-
-__all__ = [
-    "METRICS_COLUMNS",
-    "ClassSample",
-    "TrainConfig",
-    "backbone_spec",
-    "learning_rate",
-    "read_label_names",
-    "sample_classes",
-    "train_rank",
-]
 
 LOGGER = logging.getLogger(__name__)
 
+
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "seconds")
+
+
 STATE_FORMAT = "promptcam-train-state/1"
+
+
 # Settings that change where the computation runs or how it reports, not its result.
 _NOT_FINGERPRINTED = ("device", "threads", "progress_seconds", "compile", "mixed_precision")
-DEMO_BACKBONE_NAME = "demo"
 
 
 @dataclass(frozen=True)
@@ -154,64 +153,6 @@ def learning_rate(progress: float, config: TrainConfig) -> float:
         return config.warmup_lr + (config.lr - config.warmup_lr) * progress / config.warmup_epochs
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress / config.epochs))
     return config.min_lr + (config.lr - config.min_lr) * cosine
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A well-mixed 63-bit seed for ``(seed, epoch)``."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def backbone_spec(values: Mapping[str, Any]) -> BackboneSpec:
-    """``{name, weights, img_size, kwargs, seed}`` (all but name optional) -> BackboneSpec.
-
-    ``name: demo`` stands for the small ViT shipped in ``promptcam/assets`` (its card gives the
-    timm name and architecture, checked against the file's sha256); ``kwargs`` then add to the
-    card's.
-    """
-    known = {f.name for f in dataclasses.fields(BackboneSpec)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown backbone settings {sorted(unknown)}; allowed: {sorted(known)}")
-    values = dict(values)
-    if values["name"] == DEMO_BACKBONE_NAME:
-        if values.get("weights") is not None:
-            raise ValueError("backbone 'demo' ships its own weights: leave weights unset")
-        demo = demo_backbone_spec()
-        values.update(demo, kwargs={**demo["kwargs"], **values.get("kwargs", {})})
-    if values.get("weights") is not None:
-        values["weights"] = str(values["weights"])
-    return BackboneSpec(**values)
-
-
-def read_label_names(labels_tsv: str | os.PathLike) -> list[str]:
-    """Class names in index order from ``labels/{rank}.tsv``."""
-    labels = read_label_map(labels_tsv)
-    if labels["index"].tolist() != list(range(len(labels))):
-        raise ValueError(f"{labels_tsv}: the index column must be 0..C-1 in order")
-    return labels["name"].tolist()
-
-
-def trainable_state(model: PromptCAM) -> dict[str, Tensor]:
-    """Copies of the tensors that training changes (everything outside the backbone)."""
-    return {
-        name: tensor.detach().cpu().clone()
-        for name, tensor in model.state_dict().items()
-        if not name.startswith("backbone.")
-    }
-
-
-def load_trainable(model: PromptCAM, tensors: Mapping[str, Tensor]) -> None:
-    """Load tensors saved by :func:`trainable_state`; every trainable tensor must be there."""
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [name for name in missing if not name.startswith("backbone.")]
-    if missing or unexpected:
-        raise ValueError(f"training state: missing {missing}, unexpected {unexpected}")
 
 
 def build_optimizer(model: PromptCAM, config: TrainConfig) -> torch.optim.SGD:

@@ -24,22 +24,29 @@ from __future__ import annotations
 import csv
 import math
 import multiprocessing
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from promptcam.data.masks import DEMO_LEVELS
 from promptcam.io import atomic_open, atomic_path
 
-DEMO_LEVELS: tuple[str, ...] = ("family", "genus", "species")
-
 TAIL_SHAPES: tuple[str, ...] = ("forked", "rounded", "truncate", "pointed", "lunate")
+
+
 DORSAL_SHAPES: tuple[str, ...] = ("triangle", "dome", "longlow", "twinspike", "sail", "comb")
+
+
 MARK_PLACES: tuple[str, ...] = ("front", "middle", "rear")
+
+
 MARK_SHAPES: tuple[str, ...] = ("disc", "ring", "bar", "twindot")
+
+
 MARK_SIDES: tuple[str, ...] = ("centre", "upper")
+
 
 # Names that say which trait defines each taxon, so figures read naturally.
 _FAMILY_NAMES = {
@@ -49,6 +56,8 @@ _FAMILY_NAMES = {
     "pointed": "Acutidae",
     "lunate": "Lunatidae",
 }
+
+
 _GENUS_NAMES = {
     "triangle": "Trigonus",
     "dome": "Tholus",
@@ -57,13 +66,18 @@ _GENUS_NAMES = {
     "sail": "Velifer",
     "comb": "Pectinus",
 }
+
+
 _PLACE_PREFIX = {"front": "antero", "middle": "medio", "rear": "postero"}
+
+
 _SHAPE_SUFFIX = {
     "disc": "punctatus",
     "ring": "annulatus",
     "bar": "fasciatus",
     "twindot": "bipunctatus",
 }
+
 
 # Body parts of the part map (dense, label-free geometry used for backbone pre-training).
 PART_NAMES: tuple[str, ...] = (
@@ -75,15 +89,46 @@ PART_NAMES: tuple[str, ...] = (
     "marking",
     "pelvic_fin",
 )
+
+
 BACKGROUND, BODY, TAIL, DORSAL, HEAD, MARKING, PELVIC = range(len(PART_NAMES))
+
+
+BACKGROUND, BODY, TAIL, DORSAL, HEAD, MARKING, PELVIC = range(len(PART_NAMES))
+
+
+BACKGROUND, BODY, TAIL, DORSAL, HEAD, MARKING, PELVIC = range(len(PART_NAMES))
+
+
+BACKGROUND, BODY, TAIL, DORSAL, HEAD, MARKING, PELVIC = range(len(PART_NAMES))
+
+
+BACKGROUND, BODY, TAIL, DORSAL, HEAD, MARKING, PELVIC = range(len(PART_NAMES))
+
+
+BACKGROUND, BODY, TAIL, DORSAL, HEAD, MARKING, PELVIC = range(len(PART_NAMES))
+
+
+BACKGROUND, BODY, TAIL, DORSAL, HEAD, MARKING, PELVIC = range(len(PART_NAMES))
+
+
 # The body part that shows each rank's trait, in DEMO_LEVELS order (the trait mask's bits).
 RANK_TRAIT_PARTS: dict[str, int] = {"family": TAIL, "genus": DORSAL, "species": MARKING}
 
+
 # Canonical organism frame: body length 1, head towards +x, dorsal side towards +y.
 _BODY_HALF_LENGTH = 0.5
+
+
 _HEAD_X = 0.3  # where the head's outline and the gill start
+
+
 _EXTENT_X = (-0.95, 0.55)
+
+
 _EXTENT_Y = (-0.5, 0.62)
+
+
 _SUPERSAMPLE = 2
 
 
@@ -206,9 +251,6 @@ def random_spec(rng: np.random.Generator) -> OrganismSpec:
     )
 
 
-# ----------------------------------------------------------------------------- geometry
-
-
 def _ellipse(cx: float, cy: float, rx: float, ry: float, n: int = 40) -> np.ndarray:
     t = np.linspace(0.0, 2.0 * math.pi, n, endpoint=False)
     return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], axis=1)
@@ -317,9 +359,6 @@ def _to_pixels(points: np.ndarray, pose: Pose, scale: float) -> list[tuple[float
     px = (pose.centre_x + pose.length * rotated_x) * scale
     py = (pose.centre_y - pose.length * rotated_y) * scale  # image y grows downwards
     return list(zip(px.tolist(), py.tolist(), strict=True))
-
-
-# ----------------------------------------------------------------------------- rendering
 
 
 def _random_colour(
@@ -495,9 +534,6 @@ def render_organism(
     )
 
 
-# ----------------------------------------------------------------------------- dataset
-
-
 def _sample_seed(seed: int, species_index: int, replicate: int) -> np.random.SeedSequence:
     # One independent stream per image: output does not depend on the worker count.
     return np.random.SeedSequence([seed, species_index, replicate])
@@ -557,10 +593,3 @@ def generate_demo_dataset(out_dir: str | Path, config: DemoConfig, workers: int 
         writer.writeheader()
         writer.writerows(rows)
     return metadata
-
-
-def decode_trait_mask(
-    mask: np.ndarray, levels: Sequence[str] = DEMO_LEVELS
-) -> dict[str, np.ndarray]:
-    """Split a bitmask image into one boolean mask per rank."""
-    return {level: (mask >> bit) & 1 == 1 for bit, level in enumerate(levels)}

@@ -4,7 +4,7 @@ A reference ``model.pt`` is ``{"model_state_dict": sd}``: timm ViT keys for the 
 ``vpt.prompt_embeddings`` (depth, C, D), ``head.weight`` (1, D) and ``head.bias`` (1,). The
 conversion writes two files:
 
-* ``OUT``: a regular Prompt-CAM checkpoint (:func:`promptcam.model.save_checkpoint`) of the
+* ``OUT``: a regular Prompt-CAM checkpoint (:func:`promptcam.model.checkpoint.save_checkpoint`) of the
   reference layout, deep variant, with the reference's test preprocessing (bilinear resize to the
   backbone's input size, 224 for the paper's models; mean = std = 0.5);
 * ``OUT`` with suffix ``.backbone.pt``: the reference's backbone tensors as a plain timm state
@@ -23,7 +23,9 @@ from typing import Any
 import torch
 
 from promptcam.io import atomic_path, sha256_file
-from promptcam.model import BackboneSpec, Preprocessing, PromptCAM, PromptCAMConfig, save_checkpoint
+from promptcam.model.checkpoint import save_checkpoint
+from promptcam.model.prompt_cam import PromptCAM
+from promptcam.model.spec import BackboneSpec, Preprocessing, PromptCAMConfig
 
 __all__ = ["REFERENCE_MEAN_STD", "backbone_weights_path", "convert_reference_checkpoint"]
 

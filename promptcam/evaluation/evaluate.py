@@ -14,48 +14,29 @@ The test split is read only here: training selects its model on the validation s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
-from promptcam.io import atomic_open, sha256_file, write_json
-from promptcam.linear_probe import LinearProbeConfig, run_linear_probe
-from promptcam.model import load_checkpoint, resolve_device
-from promptcam.reader import (
-    ShardDataset,
+from promptcam.data.reader import (
     TransformConfig,
     load_manifest,
-    make_loader,
+    split_loader,
     split_size,
 )
-
-__all__ = [
-    "EvalConfig",
-    "autocast",
-    "batches",
-    "classification_report",
-    "collect_scores",
-    "confusion_matrix",
-    "evaluate_rank",
-    "mean_loss",
-    "per_class_accuracy",
-    "resolve_device",
-    "split_loader",
-    "topk_accuracy",
-    "useful_workers",
-    "write_confusion_tsv",
-]
+from promptcam.evaluation.linear_probe import LinearProbeConfig, run_linear_probe
+from promptcam.io import atomic_open, sha256_file, write_json
+from promptcam.model.checkpoint import load_checkpoint
+from promptcam.training.runtime import collect_scores, mean_loss, resolve_device, topk_accuracy
 
 LOGGER = logging.getLogger(__name__)
 
@@ -74,50 +55,6 @@ class EvalConfig:
         values = dict(values)
         probe = LinearProbeConfig.from_dict(values.pop("linear_probe", {}))
         return cls(**values, linear_probe=probe)
-
-
-def autocast(
-    device: torch.device, mixed_precision: bool = True
-) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a GPU (the model's attention is fused SDPA) unless ``mixed_precision``
-    is off; plain fp32 on the CPU."""
-    if device.type == "cuda" and mixed_precision:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """(images, labels) of each batch on ``device``; the metadata stays behind."""
-    for images, labels, _ in loader:
-        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-
-@torch.no_grad()
-def collect_scores(
-    model: nn.Module, loader: DataLoader, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Scores (N, C) in fp32 and labels (N,) of every sample, on the CPU, in loader order."""
-    model.eval()
-    all_scores, all_labels = [], []
-    for images, labels in batches(loader, device):
-        with autocast(device):
-            scores = model(images)
-        all_scores.append(scores.float().cpu())
-        all_labels.append(labels.cpu())
-    if not all_scores:
-        raise ValueError("the loader yielded no samples")
-    return torch.cat(all_scores), torch.cat(all_labels)
-
-
-def mean_loss(scores: Tensor, labels: Tensor) -> float:
-    return float(F.cross_entropy(scores, labels))
-
-
-def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
-    """Share of samples whose label is among the ``k`` highest scores (k capped at C)."""
-    k = min(k, scores.shape[1])
-    top = scores.topk(k, dim=1).indices
-    return float((top == labels[:, None]).any(dim=1).float().mean())
 
 
 def confusion_matrix(predictions: Tensor, labels: Tensor, num_classes: int) -> np.ndarray:
@@ -172,28 +109,6 @@ def classification_report(
     return report, confusion
 
 
-def useful_workers(dataset: ShardDataset, requested: int) -> int:
-    """``requested`` capped at the split's shard count: a worker without a shard (they are dealt
-    out whole) yields nothing, yet still costs a process start every epoch. Batches arrive in
-    the same order either way, since the DataLoader skips exhausted workers."""
-    return min(requested, len(dataset.shards))
-
-
-def split_loader(
-    shards_dir: str | os.PathLike,
-    split: str,
-    rank: str,
-    transform: TransformConfig,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-) -> DataLoader:
-    """Deterministic, unshuffled, unaugmented loader of one split (evaluation and features)."""
-    dataset = ShardDataset(shards_dir, split, rank, train=False, transform=transform)
-    workers = useful_workers(dataset, num_workers)
-    return make_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
-
-
 def evaluate_rank(
     *,
     shards_dir: str | os.PathLike,
@@ -218,9 +133,7 @@ def evaluate_rank(
             checkpoint,
             preprocessing.interpolation,
         )
-    transform = TransformConfig(
-        img_size=preprocessing.img_size[0], mean=preprocessing.mean, std=preprocessing.std
-    )
+    transform = TransformConfig.unaugmented(preprocessing)
 
     def loader(split: str) -> DataLoader:
         return split_loader(

@@ -39,9 +39,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from promptcam.data.metadata import read_label_map
+from promptcam.data.splits import SPLITS
 from promptcam.io import atomic_path, sha256_file, write_json
-from promptcam.metadata import read_label_map
-from promptcam.splits import SPLITS
 
 LOGGER = logging.getLogger(__name__)
 

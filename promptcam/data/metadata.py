@@ -18,9 +18,9 @@ Outputs of :func:`prepare_metadata` (in ``out_dir``):
 - ``labels/{rank}.tsv``: ``index``, ``name`` (sorted, so the index is stable), ``parent``
   (label at the next coarser rank; empty for the coarsest), ``count``, ``n_train``,
   ``n_val``, ``n_test``.
-- ``taxonomy.nwk``: see :mod:`promptcam.taxonomy`.
+- ``taxonomy.nwk``: see :mod:`promptcam.data.taxonomy`.
 - ``split_summary.tsv``: images per split for each class of the finest rank and the rule that
-  placed them (see :mod:`promptcam.splits`).
+  placed them (see :mod:`promptcam.data.splits`).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from promptcam.data.splits import SPLITS, SplitConfig, assign_splits, summarize_splits
+from promptcam.data.taxonomy import build_taxonomy, to_newick
 from promptcam.io import atomic_open, atomic_path
-from promptcam.splits import SPLITS, SplitConfig, assign_splits, summarize_splits
-from promptcam.taxonomy import build_taxonomy, to_newick
 
 LOGGER = logging.getLogger(__name__)
 
@@ -464,3 +464,11 @@ def _log_split(
             LOGGER.warning(
                 "%d class(es) have no %s images: %s", len(absent), split, ", ".join(absent["class"])
             )
+
+
+def read_label_names(labels_tsv: str | os.PathLike) -> list[str]:
+    """Class names in index order from ``labels/{rank}.tsv``."""
+    labels = read_label_map(labels_tsv)
+    if labels["index"].tolist() != list(range(len(labels))):
+        raise ValueError(f"{labels_tsv}: the index column must be 0..C-1 in order")
+    return labels["name"].tolist()

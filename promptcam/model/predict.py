@@ -13,7 +13,8 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
 from promptcam.io import atomic_open
-from promptcam.model import Preprocessing, load_checkpoint
+from promptcam.model.checkpoint import load_checkpoint
+from promptcam.model.spec import Preprocessing
 
 __all__ = ["IMAGE_SUFFIXES", "list_images", "load_image", "predict"]
 

@@ -149,10 +149,11 @@ def read_masks(
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{sample_id: {trait rank: bool mask (S, S)}}`` of the test split at the model's input
     size, from the shards' bitmask (bit i = ``levels[i]``'s trait)."""
-    from promptcam.demo import decode_trait_mask
-    from promptcam.traits import evaluation_loader
+    from promptcam.data.masks import decode_trait_mask
+    from promptcam.data.reader import TransformConfig, split_loader
 
-    loader = evaluation_loader(shards_dir, rank, preprocessing, batch_size=64, with_mask=True)
+    transform = TransformConfig.unaugmented(preprocessing)
+    loader = split_loader(shards_dir, "test", rank, transform, batch_size=64, with_mask=True)
     masks = {}
     for _, _, meta in loader:
         for sample_id, mask in zip(meta["sample_id"], meta["mask"], strict=True):
@@ -181,7 +182,7 @@ def run_rank_localization(
     backbone_weights: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Score the traits rule's ``trait_maps.npz`` against the test split's trait masks."""
-    from promptcam.model import load_checkpoint
+    from promptcam.model.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
     with np.load(trait_maps) as data:

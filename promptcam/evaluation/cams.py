@@ -65,7 +65,7 @@ class LinearProbe(nn.Module):
 
     @classmethod
     def from_sklearn(cls, backbone: VisionTransformer, pipeline: object, pool: str) -> LinearProbe:
-        """From ``make_pipeline(StandardScaler(), LogisticRegression())`` (promptcam.linear_probe).
+        """From ``make_pipeline(StandardScaler(), LogisticRegression())`` (promptcam.evaluation.linear_probe).
 
         Standardising then ``W x + b`` is ``(W / scale) x + (b - W (mean / scale))``. A binary
         LogisticRegression has one row ``z``; the logits ``(-z/2, z/2)`` give the same

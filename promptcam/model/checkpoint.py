@@ -1,0 +1,143 @@
+"""Prompt-CAM checkpoints: the trainable tensors and how to rebuild everything else."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from promptcam.io import atomic_path, sha256_file
+from promptcam.model.prompt_cam import PromptCAM
+from promptcam.model.spec import BackboneSpec, Preprocessing, PromptCAMConfig
+
+
+def trainable_state(model: PromptCAM) -> dict[str, Tensor]:
+    """Copies of the tensors that training changes (everything outside the backbone)."""
+    return {
+        name: tensor.detach().cpu().clone()
+        for name, tensor in model.state_dict().items()
+        if not name.startswith("backbone.")
+    }
+
+
+def load_trainable(model: PromptCAM, tensors: Mapping[str, Tensor]) -> None:
+    """Load tensors saved by :func:`trainable_state`; every trainable tensor must be there."""
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [name for name in missing if not name.startswith("backbone.")]
+    if missing or unexpected:
+        raise ValueError(f"training state: missing {missing}, unexpected {unexpected}")
+
+
+CHECKPOINT_FORMAT = "promptcam-checkpoint"
+
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    label_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    extra: dict[str, Any]
+
+
+class BackboneMismatchError(ValueError):
+    """The backbone weights offered are not the ones the checkpoint was trained on."""
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: PromptCAM,
+    *,
+    label_names: Sequence[str],
+    extra: Mapping[str, Any] | None = None,
+    preprocessing: Preprocessing | None = None,
+) -> None:
+    """Atomically save the trainable tensors and how to rebuild everything else.
+
+    The backbone is referenced, not stored: its timm name, kwargs, weight file (path and
+    sha256) or random-init seed. Only tensors and plain Python values are written, so the
+    file loads with ``torch.load(weights_only=True)``; ``extra`` must hold such values too.
+    ``preprocessing`` defaults to the backbone's data config.
+    """
+    if len(label_names) != model.num_classes:
+        raise ValueError(f"{len(label_names)} label names for {model.num_classes} classes")
+    spec = model.backbone_spec
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": dataclasses.asdict(model.config),
+        "backbone": {
+            "name": spec.name,
+            "weights": spec.weights,
+            "weights_sha256": None if spec.weights is None else sha256_file(spec.weights),
+            "kwargs": dict(spec.kwargs),
+            "seed": spec.seed,
+        },
+        "state_dict": trainable_state(model),
+        "label_names": list(label_names),
+        "preprocessing": dataclasses.asdict(
+            preprocessing or Preprocessing.from_backbone(model.backbone)
+        ),
+        "extra": dict(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+        # Fail now, not at load time, if something unsafe to unpickle slipped in.
+        torch.load(tmp, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    backbone_weights: str | os.PathLike | None = None,
+) -> tuple[PromptCAM, CheckpointMeta]:
+    """Rebuild a :class:`PromptCAM` saved by :func:`save_checkpoint` (on the CPU, eval mode).
+
+    ``backbone_weights`` overrides the weight file path stored in the checkpoint (e.g. on
+    another machine); its sha256 must match the one recorded at save time.
+    """
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a Prompt-CAM checkpoint")
+    stored = payload["backbone"]
+    weights = stored["weights"] if backbone_weights is None else str(backbone_weights)
+    expected = stored["weights_sha256"]
+    if expected is None and backbone_weights is not None:
+        raise BackboneMismatchError(
+            f"{path} was trained on a randomly initialised backbone (seed {stored['seed']}), "
+            f"not on {backbone_weights}"
+        )
+    if expected is not None:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(
+                f"backbone weights {weights} of {path} not found; pass backbone_weights="
+            )
+        actual = sha256_file(weights)
+        if actual != expected:
+            raise BackboneMismatchError(
+                f"backbone weights {weights} have sha256 {actual}, but {path} was trained on "
+                f"weights with sha256 {expected}"
+            )
+    spec = BackboneSpec(
+        name=stored["name"],
+        weights=weights,
+        kwargs=stored["kwargs"],
+        seed=stored["seed"],
+    )
+    model = PromptCAM(spec, PromptCAMConfig(**payload["config"]))
+    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
+    missing = [name for name in missing if not name.startswith("backbone.")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    meta = CheckpointMeta(
+        label_names=tuple(payload["label_names"]),
+        preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
+        extra=payload["extra"],
+    )
+    return model.eval(), meta

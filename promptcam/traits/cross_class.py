@@ -1,0 +1,152 @@
+"""Cross-class attention: class B's prompt on class A's images (paper Fig. 1c)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from torch import Tensor
+
+from promptcam.io import atomic_open
+
+
+def siblings_from_taxonomy(path: str | os.PathLike, rank: str) -> dict[str, list[str]]:
+    """``{class: its siblings}`` at ``rank`` from ``taxonomy.nwk`` (same parent; the coarsest
+    rank's classes are all siblings of each other)."""
+    from promptcam.data.taxonomy import classes_at_rank, load_taxonomy, siblings
+
+    tree = load_taxonomy(path)
+    return {name: siblings(tree, rank, name) for name in classes_at_rank(tree, rank)}
+
+
+def siblings_from_metadata(
+    table: pd.DataFrame, levels: Sequence[str], rank: str
+) -> dict[str, list[str]]:
+    """The same from the metadata's rank columns, for when no taxonomy file is at hand."""
+    position = list(levels).index(rank)
+    parent = levels[position - 1] if position > 0 else None
+    lineages = table[[rank] if parent is None else [parent, rank]].drop_duplicates()
+    groups = [lineages[rank]] if parent is None else [g[rank] for _, g in lineages.groupby(parent)]
+    result: dict[str, list[str]] = {}
+    for group in groups:
+        names = sorted(set(group))
+        for name in names:
+            result[name] = [other for other in names if other != name]
+    return dict(sorted(result.items()))
+
+
+def cross_class_pairs(
+    label_names: Sequence[str],
+    configured: Iterable[Sequence[str]] = (),
+    siblings: Mapping[str, Sequence[str]] | None = None,
+) -> list[tuple[int, int, str]]:
+    """Ordered (image class, prompt class, why) pairs: configured ones, then every sibling pair.
+
+    Unknown labels in ``configured`` raise; a pair listed twice is kept once (first reason).
+    """
+    index = {name: i for i, name in enumerate(label_names)}
+    pairs: dict[tuple[int, int], str] = {}
+    for pair in configured:
+        image_class, prompt_class = pair
+        missing = [name for name in pair if name not in index]
+        if missing:
+            raise KeyError(f"cross-class pair {list(pair)}: unknown classes {missing}")
+        pairs.setdefault((index[image_class], index[prompt_class]), "configured")
+    for name, others in (siblings or {}).items():
+        for other in others:
+            if name in index and other in index:
+                pairs.setdefault((index[name], index[other]), "sibling")
+    return [(a, b, why) for (a, b), why in pairs.items()]
+
+
+class CrossClassAccumulator:
+    """Streams batches; keeps, per pair (A, B), sums over class A's images of class B's prompt
+    attention (every head), of A's own, and of both classes' probabilities."""
+
+    def __init__(
+        self, pairs: Sequence[tuple[int, int, str]], num_heads: int, num_patches: int
+    ) -> None:
+        self.pairs = list(pairs)
+        self.cross = np.zeros((len(self.pairs), num_heads, num_patches), dtype=np.float64)
+        self.own = np.zeros_like(self.cross)
+        self.probability_image_class = np.zeros(len(self.pairs))
+        self.probability_prompt_class = np.zeros(len(self.pairs))
+        self.n_images = np.zeros(len(self.pairs), dtype=np.int64)
+
+    def update(self, labels: Tensor, scores: Tensor, attention: Tensor) -> None:
+        """``labels`` (B,), ``scores`` (B, C), ``attention`` (B, H, C, P) of one batch."""
+        labels = labels.cpu()
+        probabilities = scores.float().softmax(dim=-1).cpu().double()
+        for row, (image_class, prompt_class, _) in enumerate(self.pairs):
+            members = (labels == image_class).nonzero().squeeze(1)
+            if not members.numel():
+                continue
+            chosen = attention[members.to(attention.device)].double()
+            self.cross[row] += chosen[:, :, prompt_class].sum(dim=0).cpu().numpy()
+            self.own[row] += chosen[:, :, image_class].sum(dim=0).cpu().numpy()
+            self.probability_image_class[row] += float(probabilities[members, image_class].sum())
+            self.probability_prompt_class[row] += float(probabilities[members, prompt_class].sum())
+            self.n_images[row] += members.numel()
+
+    def means(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean maps (pairs, H, P) of the prompt class and of the image class; NaN if no image."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            count = self.n_images[:, None, None]
+            return self.cross / count, self.own / count
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity along the last axis."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def cross_class_table(
+    accumulator: CrossClassAccumulator, label_names: Sequence[str]
+) -> pd.DataFrame:
+    """One row per pair: ``image_class``, ``prompt_class``, ``relation``, ``n_images``, mean
+    probabilities of both classes on the image class's images, and ``map_similarity``: the
+    cosine similarity of the prompt class's and the image class's mean maps, mean over heads."""
+    cross, own = accumulator.means()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        count = accumulator.n_images
+        return pd.DataFrame(
+            {
+                "image_class": [label_names[a] for a, _, _ in accumulator.pairs],
+                "prompt_class": [label_names[b] for _, b, _ in accumulator.pairs],
+                "relation": [why for _, _, why in accumulator.pairs],
+                "n_images": count,
+                "probability_image_class": accumulator.probability_image_class / count,
+                "probability_prompt_class": accumulator.probability_prompt_class / count,
+                "map_similarity": _cosine(cross, own).mean(axis=-1),
+            }
+        )
+
+
+def write_cross_class(
+    tsv_path: str | os.PathLike,
+    npz_path: str | os.PathLike,
+    accumulator: CrossClassAccumulator,
+    label_names: Sequence[str],
+    patch_grid: tuple[int, int],
+) -> None:
+    """The pair table and ``cross_maps``/``own_maps`` (pairs, H, h, w), ``pairs`` (pairs, 2)
+    class indices (image class, prompt class), ``label_names`` in a compressed npz."""
+    cross, own = accumulator.means()
+    shape = (len(accumulator.pairs), cross.shape[1], *patch_grid)
+    with atomic_open(tsv_path, "w", newline="") as handle:
+        cross_class_table(accumulator, label_names).to_csv(
+            handle, sep="\t", index=False, na_rep="NA"
+        )
+    with atomic_open(npz_path, "wb") as handle:
+        np.savez_compressed(
+            handle,
+            cross_maps=cross.reshape(shape).astype(np.float32),
+            own_maps=own.reshape(shape).astype(np.float32),
+            pairs=np.array([(a, b) for a, b, _ in accumulator.pairs], dtype=np.int64).reshape(
+                -1, 2
+            ),
+            label_names=np.asarray(label_names, dtype=str),
+        )
