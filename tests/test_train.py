@@ -26,6 +26,7 @@ from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 from timm.scheduler.cosine_lr import CosineLRScheduler
 
+import promptcam.model.spec as spec_module
 import promptcam.training.train as train_module
 from promptcam.data.metadata import MetadataSpec, prepare_metadata
 from promptcam.data.reader import ShardDataset
@@ -385,14 +386,14 @@ def test_demo_backbone_name_resolves_to_the_shipped_weights(
 ) -> None:
     card = {"name": "vit_tiny_patch16_224", "weights": "/assets/demo_vit.pt"}
     card["kwargs"] = {"img_size": 96, "depth": 6}
-    monkeypatch.setattr(train_module, "demo_backbone_spec", lambda: dict(card))
-    spec = train_module.backbone_spec({"name": "demo", "kwargs": {"drop_rate": 0.0}})
+    monkeypatch.setattr(spec_module, "demo_backbone_spec", lambda: dict(card))
+    spec = spec_module.backbone_spec({"name": "demo", "kwargs": {"drop_rate": 0.0}})
     assert (spec.name, spec.weights) == (card["name"], card["weights"])
     assert dict(spec.kwargs) == {"img_size": 96, "depth": 6, "drop_rate": 0.0}
     with pytest.raises(ValueError, match="ships its own weights"):
-        train_module.backbone_spec({"name": "demo", "weights": str(tmp_path / "w.pt")})
+        spec_module.backbone_spec({"name": "demo", "weights": str(tmp_path / "w.pt")})
     with pytest.raises(ValueError, match="unknown backbone settings"):
-        train_module.backbone_spec({"name": "vit_custom", "weight": "w.pt"})
+        spec_module.backbone_spec({"name": "vit_custom", "weight": "w.pt"})
 
 
 def test_sample_classes_scores_the_batch_classes_and_a_uniform_draw() -> None:
