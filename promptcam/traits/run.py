@@ -52,10 +52,10 @@ def traits_for_images(
     from promptcam.model.checkpoint import load_checkpoint
     from promptcam.model.predict import list_images, load_image
 
+    root, names = list_images(image_or_dir)  # first: a wrong path fails before the model loads
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
     model.to(device)
-    root, names = list_images(image_or_dir)
     traces = []
     for start in range(0, len(names), batch_size):
         batch = names[start : start + batch_size]
