@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from promptcam.commandline import Command, build_parser, run_command_line
-from promptcam.config import ENCODE_PRECISIONS, schema_defaults
+from promptcam.config import schema_defaults, section_schema
 
 __all__ = ["COMMANDS", "main"]
 
@@ -92,13 +92,13 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
     # The workflow's traits settings: one set of defaults (the config schema's).
-    defaults = schema_defaults("traits")
+    defaults, keys = schema_defaults("traits"), section_schema("traits")["properties"]
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("images", type=Path, help="an image or a folder of images")
     parser.add_argument("--out", type=Path, required=True, help="output .parquet")
     parser.add_argument(
         "--stop",
-        choices=("top-k", "misclassified"),
+        choices=keys["stop"]["enum"],
         default=defaults["stop"],
         help="keep --top-traits heads (the reference) or blur until misclassified (the paper); "
         "default: %(default)s",
@@ -111,7 +111,7 @@ def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--encode-precision",
-        choices=ENCODE_PRECISIONS,
+        choices=keys["encode_precision"]["enum"],
         default=defaults["encode_precision"],
         help="blocks before the last (always fp32); auto: bf16 on a GPU, fp32 on a CPU",
     )

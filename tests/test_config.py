@@ -239,6 +239,15 @@ def test_training_fingerprint_leaves_out_exactly_the_runtime_keys():
     assert identity(dataclasses.replace(base, num_workers=0)) != identity(base)
 
 
+def test_library_choices_are_the_schemas():
+    from promptcam.config import ENCODE_PRECISIONS, section_schema
+    from promptcam.traits.search import STOP_RULES
+
+    traits = section_schema("traits")["properties"]
+    assert tuple(traits["encode_precision"]["enum"]) == ENCODE_PRECISIONS
+    assert tuple(traits["stop"]["enum"]) == STOP_RULES
+
+
 # ----------------------------------------------------------------------------- settings
 
 

@@ -45,7 +45,10 @@ def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     for names, kind in ((_INT_SETTINGS, int), (_FLOAT_SETTINGS, float)):
         for name in names:
             parser.add_argument(
-                "--" + name.replace("_", "-"), type=kind, default=None, help="default: PretrainConfig's"
+                "--" + name.replace("_", "-"),
+                type=kind,
+                default=None,
+                help="default: PretrainConfig's",
             )
     parser.add_argument(
         "--canonical-focus",

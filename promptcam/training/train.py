@@ -430,18 +430,10 @@ def train_rank(
     epoch_lines = ProgressLines(config.progress_seconds)
     state_path = out_dir / "last.pt"
     start_epoch, history, best = start_or_resume(state_path, fingerprint, model, optimizer)
-    LOGGER.info(
-        "training %s: %d classes, %d train images per epoch, epochs %d..%d of %d, device %s",
-        rank,
-        len(label_names),
-        samples_per_epoch,
-        start_epoch + 1,
-        config.epochs,
-        config.epochs,
-        device,
-    )
+    # Progress lines go to the log too (and, in a workflow job, to the console).
     epoch_lines.report(
-        "%d classes, %d images per epoch, epochs %d..%d on %s",
+        "%s: %d classes, %d train images per epoch, epochs %d..%d on %s",
+        rank,
         len(label_names),
         samples_per_epoch,
         start_epoch + 1,
@@ -533,9 +525,8 @@ def train_rank(
     )
     # Finished: the state has served its purpose (a forced rerun trains afresh).
     state_path.unlink(missing_ok=True)
-    LOGGER.info("%s: selected epoch %d (val top-1 %.4f)", rank, best["epoch"], best["val_top1"])
     epoch_lines.report(
-        "wrote %s: epoch %d selected (val top-1 %.3f)",
+        "wrote %s: epoch %d selected (val top-1 %.4f)",
         model_path,
         best["epoch"],
         best["val_top1"],
