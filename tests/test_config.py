@@ -17,6 +17,7 @@ from promptcam.config import (
     all_runtime_keys,
     check_package_schema,
     check_rank_keys,
+    load_schema,
     merged,
     rank_train_settings,
     result_settings,
@@ -183,6 +184,37 @@ def test_rank_settings_merge_nested_overrides_and_reject_unknown_ranks():
     assert rank_train_settings(train, "genus", levels) == train["defaults"]
     with pytest.raises(ValueError, match=r"unknown ranks \['species'\]"):
         rank_train_settings(train, "genus", ["genus"])
+
+
+def test_every_section_rejects_unknown_keys():
+    """Every mapping the schema describes key by key forbids other keys (a typo never passes
+    silently); only backbone.kwargs (timm's arguments) and the per-rank mappings are open."""
+    schema = load_schema()
+    open_sections = []
+
+    def walk(node, path):
+        if not isinstance(node, Mapping):
+            return
+        is_mapping = "properties" in node or node.get("type") == "object"
+        if is_mapping and node.get("additionalProperties") is not False:
+            open_sections.append(path)
+        for key, child in node.get("properties", {}).items():
+            walk(child, f"{path}.{key}".lstrip("."))
+        for key, child in node.get("$defs", {}).items():
+            walk(child, f"$defs.{key}")
+        if isinstance(node.get("additionalProperties"), Mapping):
+            walk(node["additionalProperties"], f"{path}.*")
+        if isinstance(node.get("items"), Mapping):
+            walk(node["items"], f"{path}[]")
+
+    walk(schema, "")
+    # train.defaults is a $ref to $defs.train_settings, which is checked itself.
+    assert sorted(open_sections) == [
+        "backbone.kwargs",
+        "train.defaults",
+        "train.ranks",
+        "traits.cross_class_pairs",
+    ]
 
 
 # ----------------------------------------------------------------------------- runtime keys
