@@ -241,10 +241,10 @@ def test_config_stages_regenerate_the_shipped_backbone(repo_root):
 def test_locality_stage_keeps_the_species_out_of_tokens_away_from_the_traits(repo_root, capsys):
     """Measured 2026-11-26: tokens away from every trait read the species at 0.46 top-1
     before the locality stage and 0.15 after it (chance 0.08); on the marking 0.50 -> 0.52."""
-    from promptcam.cli import main as cli_main
+    from promptcam.demo.__main__ import main as demo_main
 
     def probe(weights):
-        assert cli_main(["probe-backbone", str(weights), "--per-species", "30"]) == 0
+        assert demo_main(["probe-backbone", str(weights), "--per-species", "30"]) == 0
         return json.loads(capsys.readouterr().out)
 
     before = probe(repo_root / "pretrain" / "demo_vit_stage3.pt")["token_locality"]["species"]

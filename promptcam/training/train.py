@@ -58,6 +58,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from promptcam.config import runtime_keys, settings_from_config
 from promptcam.data.metadata import read_label_names
 from promptcam.data.reader import (
     ShardDataset,
@@ -78,6 +79,7 @@ from promptcam.model.spec import (
     PromptCAMConfig,
     backbone_spec,
 )
+from promptcam.progress import ProgressLines
 from promptcam.training.runtime import (
     autocast,
     batches,
@@ -97,12 +99,11 @@ METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_t
 STATE_FORMAT = "promptcam-train-state/1"
 
 
-# Settings that change where the computation runs or how it reports, not its result.
-_NOT_FINGERPRINTED = ("device", "threads", "progress_seconds", "compile", "mixed_precision")
-
-
 @dataclass(frozen=True)
 class TrainConfig:
+    """The config's ``train.defaults`` (less ``model`` and ``transform``) and ``train``'s
+    runtime keys; defaults as in the schema (tests/test_config.py checks)."""
+
     epochs: int = 130
     warmup_epochs: int = 20
     batch_size: int = 16
@@ -138,13 +139,6 @@ class TrainConfig:
                 f"sampled_classes ({self.sampled_classes}) must be at least batch_size "
                 f"({self.batch_size}), so that every image's own class is scored"
             )
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}")
-        return cls(**values)
 
 
 def learning_rate(progress: float, config: TrainConfig) -> float:
@@ -317,12 +311,15 @@ def run_identity(
     transform: TransformConfig,
     manifest: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Everything that determines the trained tensors; a saved state resumes only if equal."""
+    """Everything that determines the trained tensors; a saved state resumes only if equal.
+
+    The schema's runtime keys of ``train`` (device, threads, ...) say where the run happens,
+    not what it computes: a run resumes on another device.
+    """
+    runtime = runtime_keys("train")
     return {
         "train_config": {
-            key: value
-            for key, value in dataclasses.asdict(config).items()
-            if key not in _NOT_FINGERPRINTED
+            key: value for key, value in dataclasses.asdict(config).items() if key not in runtime
         },
         "model_config": dataclasses.asdict(prompt_config),
         "backbone": {
@@ -377,7 +374,9 @@ def train_rank(
     out_dir = Path(out_dir)
     label_names = read_label_names(labels_tsv)
     spec = backbone_spec(backbone)
-    prompt_config = PromptCAMConfig(num_classes=len(label_names), **model_config)
+    prompt_config = settings_from_config(
+        PromptCAMConfig, {**model_config, "num_classes": len(label_names)}, "train.model"
+    )
     if config.sampled_classes is not None and prompt_config.layout != "scalable":
         raise ValueError(
             f"train.sampled_classes ({config.sampled_classes}) needs model.layout: scalable; "
@@ -427,17 +426,20 @@ def train_rank(
         shards_dir, "val", rank, transform, config.eval_batch_size, config.num_workers, device
     )
 
+    # Console lines: at most one epoch every progress_seconds (the log has every epoch).
+    epoch_lines = ProgressLines(config.progress_seconds)
     state_path = out_dir / "last.pt"
     start_epoch, history, best = start_or_resume(state_path, fingerprint, model, optimizer)
-    LOGGER.info(
-        "training %s: %d classes, %d train images per epoch, epochs %d..%d of %d, device %s",
+    # Progress lines go to the log too (and, in a workflow job, to the console).
+    epoch_lines.report(
+        "%s: %d classes, %d train images per epoch, epochs %d..%d on %s",
         rank,
         len(label_names),
         samples_per_epoch,
         start_epoch + 1,
         config.epochs,
-        config.epochs,
         device,
+        force=True,
     )
     # Compiled for training only: its wrapper shares the parameters, which are what is saved.
     train_forward = torch.compile(model) if config.compile else model
@@ -474,6 +476,15 @@ def train_rank(
                 best = {"epoch": epoch + 1, "val_top1": val_top1, "tensors": trainable_state(model)}
             progress.set_postfix(epoch=epoch + 1, loss=f"{stats.loss:.3f}", val=f"{val_top1:.3f}")
             LOGGER.info("%s epoch %d: %s", rank, epoch + 1, row)
+            epoch_lines.report(
+                "epoch %d/%d loss %.3f val top-1 %.3f (%.0f s)",
+                epoch + 1,
+                config.epochs,
+                stats.loss,
+                val_top1,
+                row["seconds"],
+                force=epoch + 1 == config.epochs,
+            )
             write_metrics(out_dir / "metrics.tsv", history)
             save_training_state(
                 state_path,
@@ -514,5 +525,11 @@ def train_rank(
     )
     # Finished: the state has served its purpose (a forced rerun trains afresh).
     state_path.unlink(missing_ok=True)
-    LOGGER.info("%s: selected epoch %d (val top-1 %.4f)", rank, best["epoch"], best["val_top1"])
+    epoch_lines.report(
+        "wrote %s: epoch %d selected (val top-1 %.4f)",
+        model_path,
+        best["epoch"],
+        best["val_top1"],
+        force=True,
+    )
     return model_path
