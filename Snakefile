@@ -3,6 +3,8 @@
 #   snakemake --cores 8 --profile slurm    # on a SLURM cluster
 from snakemake.utils import min_version, validate
 
+from promptcam.model.spec import workflow_backbone_spec
+
 min_version("9.27")
 
 
@@ -11,6 +13,8 @@ configfile: "config/config.yaml"
 
 # Fills in every default, so rules may index config without .get().
 validate(config, "workflow/schemas/config.schema.yaml")
+# Refuses, with the reason, a backbone Prompt-CAM cannot explain, before any job runs.
+workflow_backbone_spec(config["backbone"])
 
 
 report: "workflow/report/workflow.rst"
