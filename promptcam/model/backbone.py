@@ -11,7 +11,7 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
-from promptcam.model.families import CUSTOM_VIT, UnsupportedBackboneError
+from promptcam.model.families import CUSTOM_VIT, UnsupportedBackboneError, family_preprocessing
 from promptcam.model.spec import BackboneSpec, Preprocessing
 from promptcam.model.weight_files import (
     BackboneWeightsError,
@@ -138,14 +138,18 @@ def _check_supported(backbone: torch.nn.Module, name: str = "backbone") -> None:
 
 
 def resolve_preprocessing(spec: BackboneSpec, backbone: VisionTransformer) -> Preprocessing:
-    """The preprocessing of ``backbone``'s inputs: what its weights' family expects (timm's
-    pretrained config of the name's tag: CLIP's mean and std, bicubic; DINO's and DINOv2's
-    ImageNet statistics, bicubic), at the backbone's input size, with ``spec.preprocessing``'s
-    overrides. A ``vit_custom`` backbone gets :data:`CUSTOM_PREPROCESSING`."""
+    """The preprocessing of ``backbone``'s inputs: what its weights' family expects, at the
+    backbone's input size, with ``spec.preprocessing``'s overrides.
+
+    The family: timm's pretrained config of the name's tag (``.dino``: ImageNet statistics,
+    bicubic; ``.laion2b``: its own), or for an untagged DINOv2 / CLIP name the family's own
+    (:mod:`promptcam.model.families`: ImageNet, resp. OpenAI CLIP statistics, bicubic, as
+    BioCLIP and BioCLIP 2 use). A ``vit_custom`` backbone gets :data:`CUSTOM_PREPROCESSING`.
+    """
     if spec.name == CUSTOM_VIT:
         base = Preprocessing(img_size=tuple(backbone.patch_embed.img_size), **CUSTOM_PREPROCESSING)
     else:
-        base = Preprocessing.from_backbone(backbone)
+        base = Preprocessing.from_backbone(backbone).overridden(family_preprocessing(spec.name))
     return base.overridden(spec.preprocessing)
 
 

@@ -36,8 +36,9 @@ class BackboneFamily:
         example: The timm name to use for the family's usual file.
         weight_file: What users download, in its original layout.
         expected_keys: The original layout's keys, for error messages.
-        pins_preprocessing: Whether the architecture name alone fixes the mean and std the weights
-            expect (every timm tag of these names agrees), so that no tag is needed.
+        preprocessing: Mean, std and interpolation of the family's files, used for an untagged
+            name (with a tag, timm's pretrained config of the tag decides); None: a weight file
+            needs a tagged name.
     """
 
     key: str
@@ -46,11 +47,23 @@ class BackboneFamily:
     example: str
     weight_file: str
     expected_keys: str
-    pins_preprocessing: bool
+    preprocessing: Mapping[str, Any] | None
 
     def matches(self, name: str) -> bool:
         return re.search(self.pattern, name) is not None
 
+
+# timm.data's IMAGENET_DEFAULT_* and OPENAI_CLIP_* (a test checks they agree).
+IMAGENET_PREPROCESSING: Mapping[str, Any] = {
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bicubic",
+}
+CLIP_PREPROCESSING: Mapping[str, Any] = {
+    "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711),
+    "interpolation": "bicubic",
+}
 
 _DINOV2_KEYS = (
     "cls_token, pos_embed (1, 1 + 37*37, D), mask_token, patch_embed.proj.*, "
@@ -70,7 +83,7 @@ FAMILIES: tuple[BackboneFamily, ...] = (
         example="vit_base_patch14_reg4_dinov2.lvd142m",
         weight_file="Meta's dinov2_vitb14_reg4_pretrain.pth",
         expected_keys=_DINOV2_KEYS + ", register_tokens (1, 4, D)",
-        pins_preprocessing=True,
+        preprocessing=IMAGENET_PREPROCESSING,
     ),
     BackboneFamily(
         key="dinov2",
@@ -79,7 +92,7 @@ FAMILIES: tuple[BackboneFamily, ...] = (
         example="vit_base_patch14_dinov2.lvd142m",
         weight_file="Meta's dinov2_vitb14_pretrain.pth",
         expected_keys=_DINOV2_KEYS,
-        pins_preprocessing=True,
+        preprocessing=IMAGENET_PREPROCESSING,
     ),
     BackboneFamily(
         key="clip_openai",
@@ -88,7 +101,7 @@ FAMILIES: tuple[BackboneFamily, ...] = (
         example="vit_base_patch16_clip_quickgelu_224.openai",
         weight_file="OpenAI's ViT-B-16.pt, as a state dict (the release is a TorchScript archive)",
         expected_keys=_CLIP_KEYS,
-        pins_preprocessing=True,
+        preprocessing=CLIP_PREPROCESSING,
     ),
     BackboneFamily(
         key="clip",
@@ -97,7 +110,7 @@ FAMILIES: tuple[BackboneFamily, ...] = (
         example="vit_base_patch16_clip_224",
         weight_file="open_clip_pytorch_model.bin (e.g. imageomics/bioclip)",
         expected_keys=_CLIP_KEYS,
-        pins_preprocessing=True,
+        preprocessing=CLIP_PREPROCESSING,
     ),
     BackboneFamily(
         key="dino",
@@ -106,7 +119,7 @@ FAMILIES: tuple[BackboneFamily, ...] = (
         example="vit_base_patch16_224.dino",
         weight_file="dino_vitbase16_pretrain.pth (facebookresearch/dino, backbone only)",
         expected_keys="cls_token, pos_embed, patch_embed.proj.*, blocks.N.*, norm.*",
-        pins_preprocessing=False,
+        preprocessing=None,
     ),
 )
 
@@ -117,7 +130,7 @@ OTHER_TIMM_VIT = BackboneFamily(
     example="vit_base_patch16_224.augreg_in21k",
     weight_file="a timm state dict (or any layout timm's checkpoint filter converts)",
     expected_keys="cls_token, pos_embed, patch_embed.proj.*, blocks.N.*, norm.*",
-    pins_preprocessing=False,
+    preprocessing=None,
 )
 
 
@@ -255,12 +268,13 @@ def check_weights_preprocessing(
     """Refuse a weight file whose expected mean and std the timm name cannot tell.
 
     timm's pretrained config of a name's tag says how the weights were normalised; an untagged
-    name falls back to timm's default tag, which for ``vit_base_patch16_224`` is an ImageNet-21k
+    name of a family with its own statistics (DINOv2, CLIP) gets those; any other untagged name
+    would fall back to timm's default tag, which for ``vit_base_patch16_224`` is an ImageNet-21k
     model (mean = std = 0.5), not DINO's ImageNet statistics.
     """
     if weights is None or name == CUSTOM_VIT or "." in name:
         return
-    if backbone_family(name).pins_preprocessing:
+    if backbone_family(name).preprocessing is not None:
         return
     if preprocessing.get("mean") is not None and preprocessing.get("std") is not None:
         return
@@ -269,3 +283,25 @@ def check_weights_preprocessing(
         f"unknown: name the tag of your file's family (e.g. {name}.dino for DINO weights) or set "
         "backbone.preprocessing.mean and .std"
     )
+
+
+def weights_warnings(name: str, weights: str | None) -> list[str]:
+    """What loads but does not reproduce the original: OpenAI's CLIP weights in timm's GELU CLIP."""
+    architecture, _, tag = name.partition(".")
+    if weights is None or backbone_family(name).key != "clip" or not tag.startswith("openai"):
+        return []
+    quick = re.sub(r"_clip_(\d+)$", r"_clip_quickgelu_\1", architecture)
+    return [
+        f"OpenAI's CLIP was trained with QuickGELU, but {name} is timm's GELU model: OpenAI's "
+        f"weights load, yet the features differ from the original's; name {quick}.{tag} instead "
+        "(BioCLIP and other open_clip ViT-B-16 / ViT-L-14 files are GELU: keep the name)"
+    ]
+
+
+def family_preprocessing(name: str) -> dict[str, Any]:
+    """The preprocessing an untagged ``name``'s family prescribes ({} for tagged names, whose timm
+    config decides, and for families without one)."""
+    family = backbone_family(name)
+    if "." in name or family.preprocessing is None:
+        return {}
+    return dict(family.preprocessing)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from promptcam.model.families import (
     check_backbone_name,
     check_weights_preprocessing,
     image_size,
+    weights_warnings,
 )
 
 __all__ = [
@@ -260,6 +262,8 @@ def backbone_spec(values: Mapping[str, Any]) -> BackboneSpec:
     check_backbone_kwargs(values.get("kwargs", {}))
     if not is_demo:  # the demo's card says how its weights were trained
         check_weights_preprocessing(values["name"], values.get("weights"), values["preprocessing"])
+    for message in weights_warnings(values["name"], values.get("weights")):
+        warnings.warn(message, UserWarning, stacklevel=2)
     return BackboneSpec(**values)
 
 
