@@ -4,6 +4,7 @@ download it, checked, and the preprocessing its weights expect."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import timm
@@ -15,6 +16,7 @@ from promptcam.model.families import CUSTOM_VIT, UnsupportedBackboneError, famil
 from promptcam.model.spec import BackboneSpec, Preprocessing
 from promptcam.model.weight_files import (
     BackboneWeightsError,
+    architecture_differences,
     key_differences,
     mismatch_error,
     read_state_dict,
@@ -89,16 +91,28 @@ def _named_vit(name: str, weights: str | os.PathLike, kwargs: dict[str, Any]) ->
     except (RuntimeError, ValueError, KeyError, IndexError, AssertionError) as error:
         # Shape mismatches (load_state_dict) or a conversion that failed on the file's tensors.
         random = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-        raise mismatch_error(name, weights, random, cause=error) from error
+        raise mismatch_error(
+            name, weights, random, converted=_converted(state, random), cause=error
+        ) from error
     if not isinstance(model, VisionTransformer):
         raise _not_a_vision_transformer(name, model)
     # The keys timm's filter makes of the file must be exactly the backbone's (timm itself loads
-    # non-strictly when it drops a pretrained classifier, as for CLIP and most timm names).
-    converted = without_classifier(checkpoint_filter_fn(dict(state), model))
-    missing, unexpected, _ = key_differences(model.state_dict(), converted)
-    if missing or unexpected:
+    # non-strictly when it drops a pretrained classifier, as for CLIP and most timm names), and
+    # timm must not have adapted a file of another patch size or register count.
+    converted = _converted(state, model)
+    missing, unexpected, _ = key_differences(model.state_dict(), converted or {})
+    if converted is None or missing or unexpected or architecture_differences(state, model):
         raise mismatch_error(name, weights, model, converted=converted)
     return model
+
+
+def _converted(state: dict[str, torch.Tensor], model: VisionTransformer) -> dict | None:
+    """The file's tensors as timm's checkpoint filter converts them for ``model``, less any
+    classifier; None if the conversion fails on them."""
+    try:
+        return without_classifier(checkpoint_filter_fn(dict(state), model))
+    except (RuntimeError, ValueError, KeyError, IndexError, AssertionError):
+        return None
 
 
 def _not_a_vision_transformer(name: str, model: torch.nn.Module) -> UnsupportedBackboneError:
@@ -129,11 +143,15 @@ def _check_supported(backbone: torch.nn.Module, name: str = "backbone") -> None:
     if not backbone.dynamic_img_size:
         for size, patch in zip(patch_embed.img_size, patch_embed.patch_size, strict=True):
             if size % patch:
-                raise UnsupportedBackboneError(
+                # As the originals do (e.g. SigLIP at 384 px, patch 14), but maps then cover
+                # slightly less than the image.
+                warnings.warn(
                     f"{name}: img_size {tuple(patch_embed.img_size)} is not a multiple of the "
                     f"patch size {tuple(patch_embed.patch_size)}: the last {size % patch} pixel "
-                    f"rows or columns would be dropped; use {size - size % patch} or "
-                    f"{size - size % patch + patch}"
+                    f"rows or columns are dropped; {size - size % patch} or "
+                    f"{size - size % patch + patch} would keep them all",
+                    UserWarning,
+                    stacklevel=2,
                 )
 
 

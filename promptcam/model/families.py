@@ -163,11 +163,11 @@ REFUSED: tuple[tuple[str, str], ...] = (
         "residual post-norm blocks (LayerNorm after attention and MLP), not timm's pre-norm Block",
     ),
     (
-        r"^vit_s?relpos_",
+        r"relpos",
         "relative position bias between patches (timm's VisionTransformerRelPos): prompts have no "
         "position in it, and it is not a timm VisionTransformer",
     ),
-    (r"^beit", "BEiT uses relative position bias and is not a timm VisionTransformer"),
+    (r"^beit(v2)?_", "BEiT uses relative position bias and is not a timm VisionTransformer"),
     (r"^samvit_", "SAM's windowed ViT is not a timm VisionTransformer"),
     (r"^naflexvit_", "NaFlexVit (variable-length patch sequences) is not a timm VisionTransformer"),
 )

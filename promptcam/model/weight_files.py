@@ -66,7 +66,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         raise BackboneWeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
     tensors = {key: value for key, value in state.items() if isinstance(value, Tensor)}
     if not tensors:
-        raise BackboneWeightsError(f"{path} holds no tensors (keys: {_first(state)})")
+        nested = sorted(key for key, value in state.items() if isinstance(value, Mapping))
+        hint = (
+            f" Its entries {nested} hold further dicts, as training checkpoints do (e.g. DINO's "
+            "*_full_checkpoint.pth with teacher/student): use the backbone-only weight file."
+            if nested
+            else ""
+        )
+        raise BackboneWeightsError(f"{path} holds no tensors (keys: {_first(state)}).{hint}")
     return tensors
 
 
@@ -141,9 +148,15 @@ def describe_model(model: nn.Module) -> dict[str, int | None]:
 
 def _architecture_text(numbers: Mapping[str, int | None]) -> str:
     return (
-        f"width {numbers['width']}, {numbers['depth']} blocks, patch {numbers['patch']}, "
-        f"{numbers['registers']} registers"
+        f"width {numbers['width']}, blocks {numbers['depth']}, patch {numbers['patch']}, "
+        f"registers {numbers['registers']}"
     )
+
+
+def architecture_differences(state: Mapping[str, Tensor], model: nn.Module) -> list[str]:
+    """How the ViT in ``state`` differs from ``model`` in width, depth, patch size or registers
+    (timm would silently resample a kernel of another patch size)."""
+    return _differences(describe_file(state), describe_model(model))
 
 
 def _differences(file: Mapping[str, Any], model: Mapping[str, Any]) -> list[str]:
@@ -199,7 +212,7 @@ def mismatch_error(
         f"The file is {file_layout(state)}: {_architecture_text(describe_file(state))}; "
         f"the model is {_architecture_text(describe_model(model))}.",
     ]
-    lines += [f"- {text}" for text in _differences(describe_file(state), describe_model(model))]
+    lines += [f"- {text}" for text in architecture_differences(state, model)]
     if converted is not None:
         expected = model.state_dict()
         missing, unexpected, shapes = key_differences(expected, converted)
