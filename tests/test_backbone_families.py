@@ -286,3 +286,33 @@ def test_oracles_match_the_official_code(monkeypatch: pytest.MonkeyPatch) -> Non
                 expected = official.norm(official.forward_features(x)["x_prenorm"])
             assert max_abs(original_vit_forward(state, x, num_heads=2)["tokens"], expected) < ATOL
     sys.modules.pop("vision_transformer", None)
+
+
+def test_the_reader_resizes_with_the_preprocessings_interpolation() -> None:
+    """Bilinear (the demo's) is exactly the reader's former transform; bicubic (DINO's, CLIP's)
+    is torchvision's bicubic resize."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode, v2
+
+    from promptcam.data.reader import TransformConfig, build_transform
+    from promptcam.model.spec import Preprocessing
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    mean = std = (0.5, 0.5, 0.5)
+    former = v2.Compose([
+        v2.Resize((32, 32)), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+    ])  # fmt: skip
+    bilinear = TransformConfig.unaugmented(Preprocessing((32, 32), mean, std, "bilinear"))
+    assert torch.equal(build_transform(bilinear, train=False)(image), former(image))
+
+    bicubic = TransformConfig.unaugmented(Preprocessing((32, 32), mean, std, "bicubic"))
+    expected = TF.normalize(
+        TF.to_tensor(TF.resize(image, [32, 32], InterpolationMode.BICUBIC)), mean, std
+    )
+    out = build_transform(bicubic, train=False)(image)
+    assert max_abs(out, expected) < 1e-6
+    assert max_abs(out, former(image)) > 1e-2

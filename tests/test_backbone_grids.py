@@ -23,9 +23,9 @@ from backbone_oracles import original_vit_state
 
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import Preprocessing, PromptCAMConfig, backbone_spec
+from promptcam.training.train import resolve_transform
 from promptcam.traits.naive import greedy_heads_naive
 from promptcam.traits.search import greedy_heads, identify_traits
-from promptcam.training.train import resolve_transform
 
 torch.set_num_threads(1)
 
@@ -142,7 +142,7 @@ def test_other_input_sizes_are_refused_clearly(tmp_path: Path) -> None:
     non_square = Preprocessing((56, 84), (0.5,) * 3, (0.5,) * 3, "bicubic")
     with pytest.raises(ValueError, match="shard reader makes square"):
         resolve_transform(non_square, None)
-    with pytest.raises(ValueError, match="moved to backbone.preprocessing"):
+    with pytest.raises(ValueError, match=r"moved to backbone\.preprocessing"):
         resolve_transform(model.preprocessing, {"mean": [0.5] * 3})
 
 
