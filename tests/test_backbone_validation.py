@@ -119,6 +119,13 @@ def test_unreadable_files_say_what_they_are(tmp_path: Path) -> None:
         load("vit_base_patch16_224.dino", tmp_path / "nowhere.pth", img_size=64)
 
 
+def test_names_timm_does_not_know_are_refused_clearly() -> None:
+    with pytest.raises(UnsupportedBackboneError, match=r"has no model 'vit_tiny_patch99_224'"):
+        build_backbone("vit_tiny_patch99_224", None)
+    with pytest.raises(UnsupportedBackboneError, match=r"no pretrained tag 'dinov3'.*dino, "):
+        build_backbone("vit_base_patch16_224.dinov3", None, **TINY)
+
+
 def test_custom_vit_file_mismatch_is_explained(tmp_path: Path) -> None:
     path = tmp_path / "custom.pt"
     torch.save(dino_state(depth=1), path)

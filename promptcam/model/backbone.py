@@ -58,12 +58,27 @@ def build_backbone(
         timm_kwargs["img_size"] = img_size
     if name == CUSTOM_VIT:
         model = _custom_vit(weights, timm_kwargs)
+    elif not _known_to_timm(name):
+        raise UnsupportedBackboneError(_unknown_name_message(name))
     elif weights is None:
         model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
     else:
         model = _named_vit(name, weights, timm_kwargs)
     _check_supported(model, name)
     return model
+
+
+def _known_to_timm(name: str) -> bool:
+    architecture, _, tag = name.partition(".")
+    return timm.is_model(architecture) and (not tag or name in timm.list_pretrained(name))
+
+
+def _unknown_name_message(name: str) -> str:
+    architecture, _, tag = name.partition(".")
+    if not timm.is_model(architecture):
+        return f"timm {timm.__version__} has no model {architecture!r} (see docs/backbones.md)"
+    tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{architecture}.*")]
+    return f"timm has no pretrained tag {tag!r} for {architecture}; its tags: {', '.join(tags)}"
 
 
 def _custom_vit(weights: str | os.PathLike | None, kwargs: dict[str, Any]) -> VisionTransformer:
