@@ -6,6 +6,7 @@ from pathlib import Path
 from snakemake.utils import min_version
 
 from promptcam.config import check_package_schema, check_rank_keys, validate_config
+from promptcam.model.spec import workflow_backbone_spec
 
 min_version("9.27")
 
@@ -19,6 +20,8 @@ CONFIG_SCHEMA = Path(workflow.basedir, "workflow", "schemas", "config.schema.yam
 check_package_schema(CONFIG_SCHEMA)
 validate_config(config, CONFIG_SCHEMA)
 check_rank_keys(config)
+# Refuses, with the reason, a backbone Prompt-CAM cannot explain, before any job runs.
+workflow_backbone_spec(config["backbone"])
 
 
 report: "workflow/report/workflow.rst"

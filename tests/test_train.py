@@ -225,7 +225,10 @@ def test_training_learns_keeps_backbone_and_never_reads_test(
     # The saved model classifies its own (unaugmented) training images well above chance.
     model, meta = load_checkpoint(model_path)
     dataset = ShardDataset(
-        tiny.shards, "train", "family", transform=train_module.resolve_transform(32, None)
+        tiny.shards,
+        "train",
+        "family",
+        transform=train_module.resolve_transform(model.preprocessing, None),
     )
     images, labels = zip(*[(image, label) for image, label, _ in dataset], strict=True)
     with torch.no_grad():

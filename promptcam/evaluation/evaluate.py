@@ -123,15 +123,8 @@ def evaluate_rank(
     model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
     model.to(device)
     label_names = list(meta.label_names)
-    preprocessing = meta.preprocessing
-    if preprocessing.interpolation != "bilinear":
-        # The shard reader always resizes bilinearly; say so rather than differ silently.
-        LOGGER.warning(
-            "%s asks for %s resizing; the shard reader resizes bilinearly",
-            checkpoint,
-            preprocessing.interpolation,
-        )
-    transform = TransformConfig.unaugmented(preprocessing)
+    # The checkpoint's preprocessing, interpolation included (the reader honours it).
+    transform = TransformConfig.unaugmented(meta.preprocessing)
 
     def loader(split: str) -> DataLoader:
         return split_loader(

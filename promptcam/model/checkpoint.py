@@ -77,7 +77,9 @@ def save_checkpoint(
     The backbone is referenced, not stored: its timm name, kwargs, weight file (path and
     sha256) or random-init seed. Only tensors and plain Python values are written, so the
     file loads with ``torch.load(weights_only=True)``; ``extra`` must hold such values too.
-    ``preprocessing`` defaults to the backbone's data config.
+    ``preprocessing`` defaults to the model's (:attr:`PromptCAM.preprocessing`: what the
+    backbone's weights expect, or the config's overrides), so that every checkpoint says how its
+    inputs were made.
     """
     if len(label_names) != model.num_classes:
         raise ValueError(f"{len(label_names)} label names for {model.num_classes} classes")
@@ -95,9 +97,7 @@ def save_checkpoint(
         },
         "state_dict": trainable_state(model),
         "label_names": list(label_names),
-        "preprocessing": dataclasses.asdict(
-            preprocessing or Preprocessing.from_backbone(model.backbone)
-        ),
+        "preprocessing": dataclasses.asdict(preprocessing or model.preprocessing),
         "extra": dict(extra or {}),
     }
     with atomic_path(path) as tmp:
@@ -171,11 +171,18 @@ def load_checkpoint(
                 f"backbone weights {weights} have sha256 {actual}, but {path} was trained on "
                 f"weights with sha256 {expected}"
             )
+    preprocessing = Preprocessing.from_dict(payload["preprocessing"])
     spec = BackboneSpec(
         name=stored["name"],
         weights=weights,
         kwargs=stored["kwargs"],
         seed=stored["seed"],
+        # The recorded preprocessing wins over the family's, so model and meta agree.
+        preprocessing={
+            "mean": preprocessing.mean,
+            "std": preprocessing.std,
+            "interpolation": preprocessing.interpolation,
+        },
     )
     model = PromptCAM(spec, PromptCAMConfig(**payload["config"]))
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
@@ -184,7 +191,7 @@ def load_checkpoint(
         raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
     meta = CheckpointMeta(
         label_names=tuple(payload["label_names"]),
-        preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
+        preprocessing=preprocessing,
         extra=payload["extra"],
     )
     return model.eval(), meta

@@ -275,17 +275,34 @@ def run_fingerprint(identity: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def resolve_transform(img_size: int, settings: Mapping[str, Any] | None) -> TransformConfig:
-    """Transform settings (``resize_size``, ``mean``, ``std``, all optional) for a backbone
-    of input size ``img_size``. The default resize is the reference's 240 for 224, scaled."""
+def resolve_transform(
+    preprocessing: Preprocessing, settings: Mapping[str, Any] | None
+) -> TransformConfig:
+    """The train transform for a backbone whose inputs are ``preprocessing`` (its size, mean,
+    std and interpolation; one source for training and evaluation), with the train settings'
+    ``resize_size`` (default: the reference's 240 for 224, scaled)."""
     values = dict(settings or {})
-    if values.setdefault("img_size", img_size) != img_size:
-        raise ValueError(f"transform img_size {values['img_size']} != backbone input {img_size}")
-    values.setdefault("resize_size", round(img_size * 240 / 224))
-    for key in ("mean", "std"):
-        if key in values:
-            values[key] = tuple(float(v) for v in values[key])
-    return TransformConfig(**values)
+    moved = sorted({"mean", "std", "interpolation"} & set(values))
+    if moved:
+        raise ValueError(
+            f"train transform settings {moved} moved to backbone.preprocessing, which training "
+            "and evaluation share (unset: what the backbone's weights expect)"
+        )
+    height, width = preprocessing.img_size
+    if height != width:
+        raise ValueError(
+            f"the backbone takes {height}x{width} images, but the shard reader makes square "
+            "ones: set backbone.kwargs.img_size to one number"
+        )
+    if values.setdefault("img_size", height) != height:
+        raise ValueError(f"transform img_size {values['img_size']} != backbone input {height}")
+    values.setdefault("resize_size", round(height * 240 / 224))
+    return TransformConfig(
+        **values,
+        mean=tuple(preprocessing.mean),
+        std=tuple(preprocessing.std),
+        interpolation=preprocessing.interpolation,
+    )
 
 
 @contextlib.contextmanager
@@ -389,8 +406,7 @@ def train_rank(
 
     seed_everything(config.seed)  # fixes the prompt initialisation
     model = PromptCAM(spec, prompt_config).to(device)
-    img_size = model.backbone.patch_embed.img_size[0]
-    transform = resolve_transform(img_size, transform)
+    transform = resolve_transform(model.preprocessing, transform)
     optimizer = build_optimizer(model, config)
     fingerprint = run_fingerprint(
         run_identity(
@@ -505,13 +521,7 @@ def train_rank(
         model_path,
         model,
         label_names=label_names,
-        preprocessing=Preprocessing(
-            img_size=(img_size, img_size),
-            mean=transform.mean,
-            std=transform.std,
-            # torchvision's Resize default, which the reader's test transform uses.
-            interpolation="bilinear",
-        ),
+        preprocessing=model.preprocessing,
         extra={
             "rank": rank,
             "selected_on": "val_top1",
