@@ -338,7 +338,6 @@ DERIVED_BY_THE_ADAPTER = {"threads"}
 
 def settings_classes():
     """(dataclass, config section) of every settings dataclass built from the config."""
-    from promptcam.data.reader import TransformConfig
     from promptcam.demo.pretrain import PretrainConfig
     from promptcam.evaluation.evaluate import EvalConfig
     from promptcam.evaluation.fidelity import FidelityConfig
@@ -351,7 +350,8 @@ def settings_classes():
         (TrainConfig, "train.defaults"),
         (TrainConfig, "train"),
         (PromptCAMConfig, "train.defaults.model"),
-        (TransformConfig, "train.defaults.transform"),
+        # train.defaults.transform holds resize_size only (derived from img_size when unset);
+        # mean, std and interpolation come from backbone.preprocessing or the weights' family.
         (EvalConfig, "evaluate"),
         (LinearProbeConfig, "evaluate.linear_probe"),
         (TraitRunConfig, "traits"),
