@@ -1,6 +1,6 @@
 """Can each head of a demo backbone's last block point at each trait? One fixed query per head.
 
-    python benchmarks/head_reach.py [WEIGHTS]     # default: the shipped demo backbone
+    python research/head_reach.py [WEIGHTS]     # default: the shipped demo backbone
 
 Prompt-CAM's class prompt gives each head of the last block one query, the same for every
 image. For each head and each trait part (tail, dorsal fin, marking) this learns such a query
@@ -19,9 +19,9 @@ import dataclasses
 import numpy as np
 import torch
 
-from promptcam.demo.organisms import DORSAL, MARKING, TAIL, DemoConfig
-from promptcam.demo.pretrain import last_block_tokens, normalise, part_shares
+from promptcam.demo.pretext import last_block_tokens, normalise, part_shares
 from promptcam.demo.probes import _fresh_demo_draw
+from promptcam.demo.taxa import DORSAL, MARKING, TAIL, DemoConfig
 from promptcam.model.spec import backbone_spec
 
 PARTS = {"tail": TAIL, "dorsal fin": DORSAL, "marking": MARKING}
