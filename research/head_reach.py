@@ -22,6 +22,7 @@ import torch
 from promptcam.demo.pretext import last_block_tokens, normalise, part_shares
 from promptcam.demo.probes import _fresh_demo_draw
 from promptcam.demo.taxa import DORSAL, MARKING, TAIL, DemoConfig
+from promptcam.model.backbone import backbone_from_spec
 from promptcam.model.spec import backbone_spec
 
 PARTS = {"tail": TAIL, "dorsal fin": DORSAL, "marking": MARKING}
@@ -37,7 +38,7 @@ def main() -> None:
     spec = backbone_spec({"name": "demo"})
     if args.weights:
         spec = dataclasses.replace(spec, weights=args.weights)
-    vit = spec.build().eval()
+    vit = backbone_from_spec(spec).eval()
     size, patch = vit.patch_embed.img_size[0], vit.patch_embed.patch_size[0]
     images, parts, _ = _fresh_demo_draw(DemoConfig(image_size=size), size, 40, seed=77)
     block = vit.blocks[-1]

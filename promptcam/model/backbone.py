@@ -10,7 +10,7 @@ import torch
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from promptcam.model.spec import CUSTOM_VIT
+from promptcam.model.spec import CUSTOM_VIT, BackboneSpec
 
 
 def build_backbone(
@@ -46,6 +46,15 @@ def build_backbone(
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"{name!r} is a {type(model).__name__}, not a timm VisionTransformer")
     return model
+
+
+def backbone_from_spec(spec: BackboneSpec) -> VisionTransformer:
+    """The backbone ``spec`` describes; a random initialisation is seeded by ``spec.seed``."""
+    if spec.weights is not None:
+        return build_backbone(spec.name, spec.weights, **spec.kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return build_backbone(spec.name, None, **spec.kwargs)
 
 
 def _check_supported(backbone: VisionTransformer) -> None:
