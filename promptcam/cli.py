@@ -1,29 +1,23 @@
 """The ``promptcam`` command line: one subcommand per entry of ``COMMANDS``.
 
 To add a subcommand, write an ``add_arguments(parser)`` and a ``run(args) -> int`` function and
-append a :class:`Command` to ``COMMANDS``. Heavy imports happen inside ``run`` so that
-``promptcam --help`` stays fast.
+append a :class:`~promptcam.commandline.Command` to ``COMMANDS``. Heavy imports (torch) happen
+inside ``run`` so that ``--help`` stays fast; defaults that the workflow has too come from its
+config schema. A failure prints one line naming its cause (``--debug``: the traceback).
+Maintenance of the demo's backbone lives apart: ``python -m promptcam.demo --help``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
-from promptcam.config import ENCODE_PRECISIONS
+from promptcam.commandline import Command, build_parser, run_command_line
+from promptcam.config import schema_defaults, section_schema
 
-__all__ = ["COMMANDS", "Command", "build_parser", "main"]
-
-
-@dataclass(frozen=True)
-class Command:
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+__all__ = ["COMMANDS", "main"]
 
 
 def _add_convert_reference_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +52,7 @@ def _run_convert_reference(args: argparse.Namespace) -> int:
         backbone_kwargs=args.backbone_kwargs,
         label_names=label_names,
     )
-    print(f"wrote {args.out} and its backbone {backbone_path}")
+    print(f"wrote {args.out} and its backbone weights {backbone_path}")
     return 0
 
 
@@ -81,7 +75,7 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_predict(args: argparse.Namespace) -> int:
     from promptcam.model.predict import predict
 
-    predict(
+    count = predict(
         args.checkpoint,
         args.images,
         args.out,
@@ -89,128 +83,41 @@ def _run_predict(args: argparse.Namespace) -> int:
         device=args.device,
         backbone_weights=args.backbone_weights,
     )
-    return 0
-
-
-def _add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
-    from promptcam.demo.pretrain import PretrainConfig
-    from promptcam.model.spec import DEMO_BACKBONE
-
-    defaults = PretrainConfig()
-    parser.add_argument("--out", type=Path, default=DEMO_BACKBONE, help="weights file to write")
-    parser.add_argument(
-        "--work-dir", type=Path, default=Path("results/pretrain/work"), help="resumable state"
+    print(
+        f"wrote {args.out}: scores, predicted class and attention maps of {count} image(s) "
+        f"under {args.images}"
     )
-    for name in ("steps", "batch_size", "seed", "threads", "num_workers", "warmup_steps"):
-        flag = "--" + name.replace("_", "-")
-        parser.add_argument(flag, type=int, default=getattr(defaults, name))
-    for name in ("lr", "attribute_weight", "canonical_weight", "locality_weight"):
-        parser.add_argument(
-            "--" + name.replace("_", "-"), type=float, default=getattr(defaults, name)
-        )
-    parser.add_argument(
-        "--canonical-focus",
-        action="store_true",
-        help="weight the pose-free part map's cells by how much organisms differ there",
-    )
-    parser.add_argument("--init-from", default=None, help="backbone weights to start from")
-    parser.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
-    parser.add_argument("--probe-per-species", type=int, default=60, help="0 skips the probes")
-
-
-def _run_pretrain(args: argparse.Namespace) -> int:
-    from promptcam.demo.pretrain import PretrainConfig
-    from promptcam.demo.recipe import run_pretraining
-
-    config = PretrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        threads=args.threads,
-        num_workers=args.num_workers,
-        warmup_steps=args.warmup_steps,
-        lr=args.lr,
-        attribute_weight=args.attribute_weight,
-        canonical_weight=args.canonical_weight,
-        locality_weight=args.locality_weight,
-        canonical_focus=args.canonical_focus,
-        init_from=args.init_from,
-    )
-    card = run_pretraining(
-        config,
-        args.work_dir,
-        args.out,
-        command="promptcam pretrain-backbone " + " ".join(_argv_for_card(args)),
-        device=args.device,
-        probe_per_species=args.probe_per_species,
-    )
-    print(json.dumps({k: card[k] for k in ("file", "sha256", "steps", "quality")}, indent=2))
-    return 0
-
-
-def _argv_for_card(args: argparse.Namespace) -> list[str]:
-    return [
-        f"--out {args.out}",
-        f"--work-dir {args.work_dir}",
-        f"--steps {args.steps}",
-        f"--batch-size {args.batch_size}",
-        f"--seed {args.seed}",
-        f"--threads {args.threads}",
-        f"--num-workers {args.num_workers}",
-        f"--warmup-steps {args.warmup_steps}",
-        f"--lr {args.lr}",
-        f"--attribute-weight {args.attribute_weight}",
-        f"--canonical-weight {args.canonical_weight}",
-        f"--locality-weight {args.locality_weight}",
-        *(["--canonical-focus"] if args.canonical_focus else []),
-        *([f"--init-from {args.init_from}"] if args.init_from else []),
-    ]
-
-
-def _add_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("weights", type=Path, help="a demo backbone (.pt beside its .json card)")
-    parser.add_argument("--per-species", type=int, default=60, help="images per species")
-    parser.add_argument("--threads", type=int, default=1)
-
-
-def _run_probe(args: argparse.Namespace) -> int:
-    import torch
-
-    from promptcam.demo.probes import probe_backbone, token_locality
-    from promptcam.model.backbone import build_backbone
-    from promptcam.model.spec import demo_backbone_spec
-
-    torch.set_num_threads(args.threads)
-    spec = demo_backbone_spec(args.weights)
-    backbone = build_backbone(spec["name"], spec["weights"], **spec["kwargs"])
-    size, patch = spec["kwargs"]["img_size"], spec["kwargs"]["patch_size"]
-    report = {
-        "weights": str(args.weights),
-        "probe": probe_backbone(backbone, size, patch, per_species=args.per_species).as_dict(),
-        "token_locality": token_locality(backbone, size, patch),
-    }
-    print(json.dumps(report, indent=2))
     return 0
 
 
 def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
+    # The workflow's traits settings: one set of defaults (the config schema's).
+    defaults, keys = schema_defaults("traits"), section_schema("traits")["properties"]
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("images", type=Path, help="an image or a folder of images")
     parser.add_argument("--out", type=Path, required=True, help="output .parquet")
     parser.add_argument(
         "--stop",
-        choices=("top-k", "misclassified"),
-        default="top-k",
-        help="keep --top-traits heads (the reference) or blur until misclassified (the paper)",
+        choices=keys["stop"]["enum"],
+        default=defaults["stop"],
+        help="keep --top-traits heads (the reference) or blur until misclassified (the paper); "
+        "default: %(default)s",
     )
-    parser.add_argument("--top-traits", type=int, default=4, help="heads kept by --stop top-k")
+    parser.add_argument(
+        "--top-traits",
+        type=int,
+        default=defaults["top_traits"],
+        help="heads kept by --stop top-k (default: %(default)s)",
+    )
     parser.add_argument(
         "--encode-precision",
-        choices=ENCODE_PRECISIONS,
-        default="auto",
+        choices=keys["encode_precision"]["enum"],
+        default=defaults["encode_precision"],
         help="blocks before the last (always fp32); auto: bf16 on a GPU, fp32 on a CPU",
     )
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults["batch_size"], help="default: %(default)s"
+    )
     _add_checkpoint_runtime_arguments(parser)
 
 
@@ -218,7 +125,7 @@ def _run_traits(args: argparse.Namespace) -> int:
     from promptcam.traits.run import traits_for_images
     from promptcam.traits.search import GreedyConfig
 
-    traits_for_images(
+    table = traits_for_images(
         args.checkpoint,
         args.images,
         args.out,
@@ -227,6 +134,11 @@ def _run_traits(args: argparse.Namespace) -> int:
         device=args.device,
         backbone_weights=args.backbone_weights,
         encode_precision=args.encode_precision,
+    )
+    images = table["image"].nunique()
+    print(
+        f"wrote {args.out}: {len(table)} rows ({images} image(s) x "
+        f"{len(table) // max(images, 1)} heads), {int(table['kept'].sum())} heads kept"
     )
     return 0
 
@@ -245,18 +157,6 @@ COMMANDS: tuple[Command, ...] = (
         _run_predict,
     ),
     Command(
-        "pretrain-backbone",
-        "pre-train the demo's small ViT on label-free generator geometry",
-        _add_pretrain_arguments,
-        _run_pretrain,
-    ),
-    Command(
-        "probe-backbone",
-        "linear probes and token locality of a demo backbone, on a fresh demo draw",
-        _add_probe_arguments,
-        _run_probe,
-    ),
-    Command(
         "traits",
         "greedy head masking: each image's trait heads for its predicted class",
         _add_traits_arguments,
@@ -265,18 +165,8 @@ COMMANDS: tuple[Command, ...] = (
 )
 
 
-def build_parser(commands: Sequence[Command] = COMMANDS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="promptcam", description="Prompt-CAM: class prompts that explain a frozen ViT."
-    )
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for command in commands:
-        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
-        command.add_arguments(sub)
-        sub.set_defaults(run=command.run)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.run(args)
+    parser = build_parser(
+        "promptcam", "Prompt-CAM: class prompts that explain a frozen ViT.", COMMANDS
+    )
+    return run_command_line(parser, argv)

@@ -30,7 +30,7 @@ import torch
 import yaml
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from promptcam.config import merged, rank_train_settings
+from promptcam.config import merged, rank_train_settings, settings_from_config, validate_config
 from promptcam.data.metadata import MetadataSpec, prepare_metadata
 from promptcam.data.shards import ShardConfig, write_shards
 from promptcam.data.splits import SplitConfig
@@ -59,9 +59,9 @@ OUTPUT_SUFFIXES = {
 }
 
 
-def without_threads(section: dict) -> dict:
-    """A config section as its library config takes it: the workflow's job threads removed."""
-    return {key: value for key, value in section.items() if key != "threads"}
+def without(section: dict, *keys: str) -> dict:
+    """A config section less ``keys`` (job threads, other rules' subsections)."""
+    return {key: value for key, value in section.items() if key not in keys}
 
 
 def timed(seconds: dict[str, float], name: str, run: Callable[[], T]) -> T:
@@ -91,7 +91,7 @@ def run_variant(
     settings = merged(rank_train_settings(config["train"], rank, config["levels"]), overrides)
     model_config, transform = settings.pop("model"), settings.pop("transform")
     runtime = {"threads": 4, "device": device, "mixed_precision": variant != "fp32"}
-    train_config = TrainConfig.from_dict({**settings, **runtime})
+    train_config = settings_from_config(TrainConfig, {**settings, **runtime}, "train")
     tag = f"{variant}, seed {train_config.seed}"
     name, out = f"{rank}, {tag}", work / "results" / rank / tag.replace(", ", "_")
     with VARIANTS[variant]():
@@ -118,7 +118,9 @@ def run_variant(
             checkpoint=checkpoint,
             out_json=out / "eval.json",
             out_confusion=out / "confusion.tsv",
-            config=EvalConfig.from_dict({**config["evaluate"], "device": device}),
+            config=settings_from_config(
+                EvalConfig, {**config["evaluate"], "device": device}, "evaluate"
+            ),
         ),
     )
     kept = {}
@@ -127,8 +129,14 @@ def run_variant(
             output: out / f"{precision}_{output}{suffix}"
             for output, suffix in OUTPUT_SUFFIXES.items()
         }
-        traits = TraitRunConfig.from_dict(
-            {**config["traits"], "device": device, "encode_precision": precision}, rank
+        traits = settings_from_config(
+            TraitRunConfig,
+            {
+                **without(config["traits"], "localization", "fidelity"),
+                "device": device,
+                "encode_precision": precision,
+            },
+            "traits",
         )
         table = timed(
             seconds,
@@ -162,7 +170,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     config = yaml.safe_load(CONFIG.read_text())
-    config["demo"] = {**config["demo"], **json.loads(args.demo)}
+    config["demo"] = {**config.get("demo", {}), **json.loads(args.demo)}
+    validate_config(config)  # fills in the schema's defaults
     levels = tuple(config["levels"])
     ranks = args.ranks.split(",") if args.ranks else list(levels)
     seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [None]
@@ -174,7 +183,9 @@ def main() -> None:
             seconds,
             "generate demo",
             lambda: generate_demo_dataset(
-                work / "demo", DemoConfig(**without_threads(config["demo"])), workers=args.workers
+                work / "demo",
+                settings_from_config(DemoConfig, without(config["demo"], "threads"), "demo"),
+                workers=args.workers,
             ),
         )
         parquet = timed(
@@ -185,7 +196,7 @@ def main() -> None:
                 work / "demo",
                 work / "data",
                 MetadataSpec(levels=levels),
-                SplitConfig(**config["splits"]),
+                settings_from_config(SplitConfig, config["splits"], "splits"),
             ),
         )
         shards = work / "shards"
@@ -198,7 +209,7 @@ def main() -> None:
                 work / "demo",
                 shards,
                 levels,
-                ShardConfig(**without_threads(config["shards"])),
+                settings_from_config(ShardConfig, without(config["shards"], "threads"), "shards"),
                 workers=args.workers,
             ),
         )

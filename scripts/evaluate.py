@@ -1,19 +1,25 @@
 """Snakemake adapter for rule evaluate: see promptcam.evaluation.evaluate.evaluate_rank."""
 
+from promptcam.config import settings_from_config
 from promptcam.evaluation.evaluate import EvalConfig, evaluate_rank
 from promptcam.joblog import job_log
 
 
 def main() -> None:
-    settings = dict(snakemake.params.settings)
-    threads = max(1, snakemake.threads - settings.get("num_workers", 0))
-    # Read from the config, not params, so that moving to a GPU does not re-evaluate.
-    device = snakemake.config["train"]["device"]
-    config = EvalConfig.from_dict({**settings, "threads": threads, "device": device})
-    with job_log(snakemake.log[0], "evaluation"):
+    rank = snakemake.wildcards.rank
+    with job_log(snakemake.log[0], f"evaluate {rank}"):
+        settings = snakemake.params.settings
+        runtime = {
+            # The job's cores less its loader workers.
+            "threads": max(1, snakemake.threads - settings["num_workers"]),
+            # Evaluation runs where training does: train.device, a runtime key, read from the
+            # config, not params, so that moving to a GPU does not re-evaluate.
+            "device": snakemake.config["train"]["device"],
+        }
+        config = settings_from_config(EvalConfig, {**settings, **runtime}, "evaluate")
         evaluate_rank(
             shards_dir=snakemake.input.shards,
-            rank=snakemake.wildcards.rank,
+            rank=rank,
             checkpoint=snakemake.input.model,
             out_json=snakemake.output.eval,
             out_confusion=snakemake.output.confusion,

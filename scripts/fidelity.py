@@ -1,28 +1,31 @@
 """Snakemake adapter for rule fidelity: see promptcam.evaluation.fidelity.run_rank_fidelity."""
 
+from promptcam.config import runtime_settings, settings_from_config
 from promptcam.evaluation.fidelity import FidelityConfig, run_rank_fidelity
 from promptcam.joblog import job_log
 
 
 def main() -> None:
-    with job_log(snakemake.log[0], "fidelity evaluation"):
-        config = FidelityConfig.from_dict(
-            {
-                **snakemake.params.settings,
-                "threads": snakemake.threads,
-                # Read from the config, not params, so changing it reruns nothing.
-                "device": snakemake.config["traits"]["fidelity"]["device"],
-                "linear_probe": snakemake.params.linear_probe,
-            }
-        )
+    rank = snakemake.wildcards.rank
+    with job_log(snakemake.log[0], f"fidelity {rank}"):
+        # Runtime keys are read from the config, not params, so changing them reruns nothing.
+        runtime = {
+            **runtime_settings(snakemake.config, "traits.fidelity"),
+            "threads": snakemake.threads,
+        }
+        settings = {
+            **snakemake.params.settings,
+            **runtime,
+            "linear_probe": snakemake.params.linear_probe,
+        }
         run_rank_fidelity(
             checkpoint=snakemake.input.checkpoint,
             shards_dir=snakemake.input.shards,
-            rank=snakemake.wildcards.rank,
+            rank=rank,
             trait_maps=snakemake.input.maps,
             out_tsv=snakemake.output.table,
             out_counterfactual=snakemake.output.counterfactual,
-            config=config,
+            config=settings_from_config(FidelityConfig, settings, "traits.fidelity"),
         )
 
 

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from promptcam.config import settings_from_config
 from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
 from promptcam.joblog import job_log
 
@@ -10,7 +11,7 @@ def main() -> None:
     with job_log(snakemake.log[0], "generating the demo dataset") as log:
         table = generate_demo_dataset(
             Path(snakemake.output.table).parent,
-            DemoConfig(**snakemake.params.demo),
+            settings_from_config(DemoConfig, snakemake.params.demo, "demo"),
             workers=snakemake.threads,
         )
         log.info("wrote %s", table)

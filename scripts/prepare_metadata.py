@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from promptcam.config import settings_from_config
 from promptcam.data.metadata import MetadataSpec, prepare_metadata
 from promptcam.data.splits import SplitConfig
 from promptcam.joblog import job_log
@@ -20,7 +21,7 @@ def main() -> None:
                 split_column=params.split_column,
                 mask_column=params.mask_column,
             ),
-            SplitConfig(**params.splits),
+            settings_from_config(SplitConfig, params.splits, "splits"),
             workers=snakemake.threads,
         )
 

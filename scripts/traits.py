@@ -1,5 +1,6 @@
 """Snakemake adapter for rule traits: see promptcam.traits.run.run_rank_traits."""
 
+from promptcam.config import runtime_settings, settings_from_config
 from promptcam.joblog import job_log
 from promptcam.traits.cross_class import siblings_from_taxonomy
 from promptcam.traits.run import TraitRunConfig, run_rank_traits
@@ -7,11 +8,12 @@ from promptcam.traits.run import TraitRunConfig, run_rank_traits
 
 def main() -> None:
     rank = snakemake.wildcards.rank
-    with job_log(snakemake.log[0], "trait identification"):
-        # Where it runs is read from the config, not params, so changing it reruns nothing.
-        device = snakemake.config["traits"]["device"]
-        settings = {**snakemake.params.settings, "threads": snakemake.threads, "device": device}
-        config = TraitRunConfig.from_dict(settings, rank)
+    with job_log(snakemake.log[0], f"traits {rank}"):
+        # Runtime keys are read from the config, not params, so changing them reruns nothing.
+        runtime = {**runtime_settings(snakemake.config, "traits"), "threads": snakemake.threads}
+        config = settings_from_config(
+            TraitRunConfig, {**snakemake.params.settings, **runtime}, "traits"
+        )
         siblings = (
             siblings_from_taxonomy(snakemake.input.taxonomy, rank) if config.siblings else None
         )

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from promptcam.config import settings_from_config
 from promptcam.data.shards import ShardConfig, write_shards
 from promptcam.joblog import job_log
 
@@ -14,7 +15,7 @@ def main() -> None:
             snakemake.params.image_root,
             snakemake.output[0],
             snakemake.params.levels,
-            ShardConfig(**snakemake.params.shards),
+            settings_from_config(ShardConfig, snakemake.params.shards, "shards"),
             workers=snakemake.threads,
         )
 

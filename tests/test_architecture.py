@@ -17,6 +17,7 @@ TORCH_FREE = (
     "promptcam.model.spec",
     "promptcam.figures.style",
     "promptcam.traits.tables",  # the figures read the traits stage's files through it
+    "promptcam.data.samples",  # and the shards through it
     "promptcam.cli",  # `promptcam --help` must answer at once
 )
 HEAVY = ("torch", "torchvision", "timm")

@@ -9,11 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-from snakemake.utils import validate
-from snakemake_interface_common.exceptions import WorkflowError
 
-from promptcam.config import merged, rank_train_settings
 from promptcam.data.taxonomy import classes_at_rank, load_taxonomy
 from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
 from promptcam.io import sha256_file
@@ -21,74 +17,6 @@ from promptcam.io import sha256_file
 TINY = DemoConfig(
     n_families=2, genera_per_family=1, species_per_genus=2, images_per_species=3, image_size=48
 )
-
-
-def schema(repo_root: Path) -> str:
-    return str(repo_root / "workflow" / "schemas" / "config.schema.yaml")
-
-
-# Where config/config.yaml (the CPU demo) deliberately departs from the schema's defaults,
-# which are the settings for real data (the reference's training recipe, 256 px shards).
-DEMO_DEPARTURES = {
-    "shards": {"short_side": 96},
-    "train": {
-        "defaults": {
-            "epochs": 20,
-            "warmup_epochs": 2,
-            "batch_size": 32,
-            "lr": 0.05,
-            "model": {"layout": "scalable", "num_agnostic_prompts": 0, "drop_path_rate": 0.0},
-        },
-        "ranks": {"species": {"epochs": 40}},
-    },
-    "evaluate": {"linear_probe": {"pool": "mean"}},
-    "traits": {"fidelity": {"max_images": 48}},
-}
-
-
-def test_schema_defaults_are_the_shipped_config(repo_root):
-    config: dict = {}
-    validate(config, schema(repo_root))
-    shipped = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())
-    assert merged(config, DEMO_DEPARTURES) == shipped
-    for name in ("demo_small.yaml", "pipeline_tiny.yaml"):
-        test_config = yaml.safe_load((repo_root / "tests" / "configs" / name).read_text())
-        validate(test_config, schema(repo_root))
-
-
-def test_rank_settings_merge_nested_overrides_and_reject_unknown_ranks():
-    train = {
-        "defaults": {"epochs": 20, "lr": 0.05, "model": {"layout": "scalable", "variant": "deep"}},
-        "ranks": {"species": {"epochs": 40, "model": {"layout": "reference"}}},
-    }
-    levels = ["genus", "species"]
-    assert rank_train_settings(train, "species", levels) == {
-        "epochs": 40,
-        "lr": 0.05,
-        "model": {"layout": "reference", "variant": "deep"},
-    }
-    assert rank_train_settings(train, "genus", levels) == train["defaults"]
-    with pytest.raises(ValueError, match=r"unknown ranks \['species'\]"):
-        rank_train_settings(train, "genus", ["genus"])
-
-
-@pytest.mark.parametrize(
-    ("config", "complaint"),
-    [
-        ({"shards": {"threads": 9}}, "maximum of 8"),
-        ({"dataset": {"kind": "folder"}}, "is not one of"),
-        ({"dataset": {"kind": "table", "metadata": "m.csv"}}, "'image_root' is a required"),
-        ({"dataset": {"kind": "table", "metadata": "m.xlsx", "image_root": "x"}}, "does not match"),
-        ({"levels": ["order", "family", "genus", "species"]}, "was expected"),
-        ({"splits": {"train": 0}}, "less than or equal to the minimum"),
-        ({"shard": {}}, "Additional properties"),
-        ({"demo": {"image_size": "large"}}, "is not of type 'integer'"),
-    ],
-)
-def test_schema_rejects_bad_configs(repo_root, config, complaint):
-    with pytest.raises(WorkflowError) as caught:
-        validate(config, schema(repo_root))
-    assert complaint in str(caught.value) + str(caught.value.__cause__)
 
 
 def tree_digest(root: Path) -> dict[str, str]:

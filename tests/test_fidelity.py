@@ -211,7 +211,6 @@ def rank_outputs(tmp_path_factory) -> dict[str, Path]:
     from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
     from promptcam.traits.cross_class import siblings_from_metadata
     from promptcam.traits.run import TraitRunConfig, run_rank_traits
-    from promptcam.traits.search import GreedyConfig
 
     levels = ("family", "genus", "species")
     work = tmp_path_factory.mktemp("rank")
@@ -250,9 +249,7 @@ def rank_outputs(tmp_path_factory) -> dict[str, Path]:
     }
     siblings = siblings_from_metadata(pd.read_parquet(data / "metadata.parquet"), levels, "genus")
     config = TraitRunConfig(
-        greedy=GreedyConfig(top_traits=2),
-        cross_class_pairs=((labels[0], labels[-1]),),
-        batch_size=4,
+        top_traits=2, cross_class_pairs={"genus": ((labels[0], labels[-1]),)}, batch_size=4
     )
     run_rank_traits(
         checkpoint=checkpoint,

@@ -1,8 +1,9 @@
 """End-to-end: the whole pipeline (rule all) on a tiny demo through Snakemake, then reruns.
 
 One real run (tests/configs/pipeline_tiny.yaml, about 2-3 minutes on 2 CPU cores) is shared
-by the tests below, in any order: the contract files and a dry run after editing one rank's
-settings only read it; the forced rerun of one rank works on its own copy.
+by the tests below, in any order: the contract files, the progress lines on the console and a
+dry run after editing one rank's settings and every runtime key only read it; the forced rerun
+of one rank works on its own copy.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from promptcam.config import all_runtime_keys, config_section, validate_config
 from promptcam.data.metadata import read_label_map
 from promptcam.data.taxonomy import classes_at_rank, load_taxonomy
 from promptcam.io import sha256_file
@@ -84,11 +86,12 @@ def mtimes(root: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def tiny_run(repo_root, tmp_path_factory, run_command):
-    """The whole pipeline, run once on pipeline_tiny in a fresh working directory."""
+    """The whole pipeline, run once on pipeline_tiny in a fresh working directory; returns
+    the directory, the config file and what Snakemake printed on the console (stderr)."""
     workdir = tmp_path_factory.mktemp("pipeline")
     configfile = repo_root / "tests" / "configs" / "pipeline_tiny.yaml"
-    run(run_command, snakemake_cmd(repo_root, workdir, configfile), workdir)
-    return workdir, configfile
+    proc = run(run_command, snakemake_cmd(repo_root, workdir, configfile), workdir)
+    return workdir, configfile, proc.stderr
 
 
 def is_share(value) -> bool:
@@ -97,7 +100,7 @@ def is_share(value) -> bool:
 
 @pytest.mark.slow
 def test_pipeline_writes_every_contract_file(tiny_run):
-    workdir, _ = tiny_run
+    workdir, _, _ = tiny_run
     results = workdir / "results"
 
     # Data stage.
@@ -181,17 +184,81 @@ def test_pipeline_writes_every_contract_file(tiny_run):
 
 
 @pytest.mark.slow
+def test_long_jobs_report_progress_on_the_console(tiny_run):
+    workdir, _, console = tiny_run
+    lines = [
+        line
+        for line in console.splitlines()
+        if re.match(r"\[(train|evaluate|traits|fidelity) ", line)
+    ]
+    for rank in RANKS:
+        # pipeline_tiny reports every epoch (train.progress_seconds 0) of its two.
+        for epoch in (1, 2):
+            assert any(
+                re.fullmatch(
+                    rf"\[train {rank}\] epoch {epoch}/2 loss \d+\.\d+ val top-1 \d\.\d+ \(\d+ s\)",
+                    line,
+                )
+                for line in lines
+            ), (rank, epoch, console[-4000:])
+        for job, output in (
+            ("train", "model.pt"),
+            ("evaluate", "eval.json"),
+            ("traits", "traits.parquet"),
+            ("fidelity", "fidelity.tsv"),
+        ):
+            wrote = f"[{job} {rank}] wrote results/{rank}/{output}"
+            assert any(line.startswith(wrote) for line in lines), (wrote, console[-4000:])
+        # The log keeps the detail: the progress bar and every epoch's metrics.
+        log = (workdir / "logs" / "train" / f"{rank}.log").read_text()
+        assert "train: 100%" in log and f"{rank} epoch 2: {{'epoch': 2" in log
+    assert all(len(line) < 200 for line in lines), max(lines, key=len)
+
+
+# A different valid value for every key the schema marks runtime (tests/test_config.py pins
+# the list): none may rerun anything.
+RUNTIME_EDITS = {
+    "dataset.threads": 2,
+    "demo.threads": 2,
+    "evaluate.threads": 2,
+    "gpus_per_job": 1,
+    "max_threads": 1,
+    "pretrain.device": "cpu",
+    "shards.threads": 2,
+    "train.compile": True,
+    "train.device": "auto",
+    "train.mixed_precision": False,
+    "train.progress_seconds": 11,
+    "train.threads": 2,
+    "traits.device": "auto",
+    "traits.fidelity.device": "auto",
+    "traits.fidelity.threads": 2,
+    "traits.threads": 2,
+}
+
+
+def with_runtime_edits(config: dict) -> dict:
+    assert set(RUNTIME_EDITS) == set(all_runtime_keys())
+    current = validate_config(yaml.safe_load(yaml.safe_dump(config)))
+    for key, value in RUNTIME_EDITS.items():
+        assert config_section(current, key) != value, key  # a real change
+        *sections, name = key.split(".")
+        target = config
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[name] = value
+    validate_config(yaml.safe_load(yaml.safe_dump(config)))
+    return config
+
+
+@pytest.mark.slow
 def test_editing_one_ranks_settings_reruns_that_rank_only(tiny_run, repo_root, run_command):
-    workdir, configfile = tiny_run
+    workdir, configfile, _ = tiny_run
     config = yaml.safe_load(configfile.read_text())
     # genus trains one epoch more: genus and everything downstream of its model rerun.
     config["train"]["ranks"] = {"genus": {"epochs": 3}}
-    # Where and how jobs run is not a rerun trigger.
-    config["train"].update(
-        device="auto", progress_seconds=11, threads=2, compile=True, mixed_precision=False
-    )
-    config["traits"].update(device="auto", threads=2)
-    config["traits"]["fidelity"]["device"] = "auto"
+    # Where and how jobs run (every runtime key) is not a rerun trigger.
+    config = with_runtime_edits(config)
     edited = workdir / "genus_edited.yaml"
     # safe_dump sorts every mapping's keys: the order of keys must not trigger reruns either.
     edited.write_text(yaml.safe_dump(config, sort_keys=True))
@@ -212,7 +279,7 @@ def test_editing_one_ranks_settings_reruns_that_rank_only(tiny_run, repo_root, r
 def test_forcerun_retrains_one_rank_and_leaves_the_others(
     tiny_run, repo_root, run_command, tmp_path
 ):
-    shared, configfile = tiny_run
+    shared, configfile, _ = tiny_run
     # A copy (modification times and Snakemake's records kept): the shared run stays complete.
     workdir = tmp_path / "pipeline"
     shutil.copytree(shared, workdir, symlinks=True)

@@ -234,12 +234,13 @@ def test_locality_loss_is_zero_only_when_the_probe_is_left_guessing():
 
 
 def test_config_stages_regenerate_the_shipped_backbone(repo_root):
-    """`snakemake pretrain_backbone` runs config.yaml's stages: they must be the card's."""
+    """`snakemake pretrain_backbone` runs the config's stages: they must be the card's."""
     import yaml
 
-    stages = yaml.safe_load((repo_root / "config" / "config.yaml").read_text())["pretrain"][
-        "stages"
-    ]
+    from promptcam.config import validate_config
+
+    config = validate_config(yaml.safe_load((repo_root / "config" / "config.yaml").read_text()))
+    stages = config["pretrain"]["stages"]
     card = json.loads(DEMO_BACKBONE.with_suffix(".json").read_text())
     assert len(stages) == len(card["lineage"]) + 1
     for stage, recorded in zip(stages, card["lineage"], strict=False):
@@ -255,12 +256,12 @@ def test_config_stages_regenerate_the_shipped_backbone(repo_root):
 
 @pytest.mark.slow
 def test_shipped_backbone_keeps_the_species_out_of_tokens_away_from_the_traits(capsys):
-    """`promptcam probe-backbone` on the shipped backbone: tokens away from every trait read the
-    species at 0.15 top-1 (chance 0.08; 0.46 before the locality stage, measured 2026-11-26,
-    see docs/demo-backbone.md), tokens on the marking at 0.52."""
-    from promptcam.cli import main as cli_main
+    """`python -m promptcam.demo probe-backbone` on the shipped backbone: tokens away from every
+    trait read the species at 0.15 top-1 (chance 0.08; 0.46 before the locality stage, measured
+    2026-11-26, see docs/demo-backbone.md), tokens on the marking at 0.52."""
+    from promptcam.demo.__main__ import main as demo_main
 
-    assert cli_main(["probe-backbone", str(DEMO_BACKBONE), "--per-species", "30"]) == 0
+    assert demo_main(["probe-backbone", str(DEMO_BACKBONE), "--per-species", "30"]) == 0
     after = json.loads(capsys.readouterr().out)
     species = after["token_locality"]["species"]
     assert species["far_from_traits_top1"] < 0.25, species

@@ -29,7 +29,7 @@ def make_samples(class_sizes: dict[str, int]) -> tuple[pd.Series, pd.Series]:
     ],
 )
 def test_split_counts_follow_the_documented_rule(n, expected):
-    assert split_counts(n, SplitConfig()) == expected
+    assert split_counts(n, SplitConfig(train=0.8, val=0.1, test=0.1)) == expected
 
 
 def test_a_zero_fraction_split_gets_nothing():

@@ -28,6 +28,7 @@ from timm.scheduler.cosine_lr import CosineLRScheduler
 
 import promptcam.model.spec as spec_module
 import promptcam.training.train as train_module
+from promptcam.config import ConfigError, settings_from_config
 from promptcam.data.metadata import MetadataSpec, prepare_metadata
 from promptcam.data.reader import ShardDataset
 from promptcam.data.shards import ShardConfig, write_shards
@@ -174,9 +175,11 @@ def test_schedule_matches_timm_cosine_at_epoch_boundaries() -> None:
 
 
 def test_train_config_rejects_unknown_and_invalid_settings() -> None:
-    assert TrainConfig.from_dict({"epochs": 30}).epochs == 30
-    with pytest.raises(ValueError, match="unknown"):
-        TrainConfig.from_dict({"epoch": 5})
+    assert settings_from_config(TrainConfig, {"epochs": 30}, "train").epochs == 30
+    with pytest.raises(
+        ConfigError, match=r"config train: unknown key 'epoch' \(did you mean 'epochs'\?\)"
+    ):
+        settings_from_config(TrainConfig, {"epoch": 5}, "train")
     with pytest.raises(ValueError, match="warmup"):
         TrainConfig(epochs=5, warmup_epochs=6)
 
@@ -219,7 +222,10 @@ def test_training_learns_keeps_backbone_and_never_reads_test(
     # The saved model classifies its own (unaugmented) training images well above chance.
     model, meta = load_checkpoint(model_path)
     dataset = ShardDataset(
-        tiny.shards, "train", "family", transform=train_module.resolve_transform(32, None)
+        tiny.shards,
+        "train",
+        "family",
+        transform=train_module.resolve_transform(model.preprocessing, None),
     )
     images, labels = zip(*[(image, label) for image, label, _ in dataset], strict=True)
     with torch.no_grad():

@@ -39,17 +39,29 @@ from promptcam.data.shards import MANIFEST_NAME
 
 @dataclass(frozen=True)
 class TransformConfig:
+    """Square resizes (``interpolation``: bilinear, bicubic or nearest; masks always nearest),
+    then scaling to [0, 1] and normalisation."""
+
     img_size: int = 224
     resize_size: int = 240
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    interpolation: str = "bilinear"
 
     @classmethod
     def unaugmented(cls, preprocessing: Any) -> TransformConfig:
-        """Evaluation transform of a checkpoint's preprocessing (``img_size``, ``mean``, ``std``;
-        :class:`promptcam.model.spec.Preprocessing`)."""
+        """Evaluation transform of a checkpoint's preprocessing (``img_size``, ``mean``, ``std``,
+        ``interpolation``; :class:`promptcam.model.spec.Preprocessing`)."""
+        height, width = preprocessing.img_size
+        if height != width:
+            raise ValueError(
+                f"the shard reader makes square images; this model takes {height}x{width}"
+            )
         return cls(
-            img_size=preprocessing.img_size[0], mean=preprocessing.mean, std=preprocessing.std
+            img_size=height,
+            mean=preprocessing.mean,
+            std=preprocessing.std,
+            interpolation=preprocessing.interpolation,
         )
 
 
@@ -59,14 +71,15 @@ def build_transform(config: TransformConfig, train: bool) -> v2.Compose:
     Geometric steps draw one set of random parameters per call and apply it to both; masks are
     resized with NEAREST and are left out of dtype scaling and normalisation.
     """
+    interpolation = v2.InterpolationMode(config.interpolation)
     if train:
         geometry = [
-            v2.Resize((config.resize_size, config.resize_size)),
+            v2.Resize((config.resize_size, config.resize_size), interpolation),
             v2.RandomCrop(config.img_size),
             v2.RandomHorizontalFlip(),
         ]
     else:
-        geometry = [v2.Resize((config.img_size, config.img_size))]
+        geometry = [v2.Resize((config.img_size, config.img_size), interpolation)]
     return v2.Compose(
         [
             *geometry,

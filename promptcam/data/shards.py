@@ -52,6 +52,8 @@ MANIFEST_FORMAT = "promptcam-shards/1"
 
 @dataclass(frozen=True)
 class ShardConfig:
+    """The config's ``shards`` section (less ``threads``); defaults as in the schema."""
+
     short_side: int = 256
     jpeg_quality: int = 95
     max_samples_per_shard: int = 1000

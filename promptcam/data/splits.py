@@ -26,9 +26,11 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class SplitConfig:
-    train: float = 0.8
-    val: float = 0.1
-    test: float = 0.1
+    """The config's ``splits`` section; defaults as in the schema."""
+
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
     seed: int = 0
     min_class_size: int = 3
 

@@ -68,11 +68,13 @@ RANK_TRAIT_PARTS: dict[str, int] = {"family": TAIL, "genus": DORSAL, "species": 
 
 @dataclass(frozen=True)
 class DemoConfig:
+    """The config's ``demo`` section (less ``threads``); defaults as in the schema."""
+
     n_families: int = 2
     genera_per_family: int = 2
     species_per_genus: int = 3
-    images_per_species: int = 40
-    image_size: int = 128
+    images_per_species: int = 60
+    image_size: int = 96
     seed: int = 0
     shared_traits: bool = False
 

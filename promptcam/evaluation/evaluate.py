@@ -36,6 +36,7 @@ from promptcam.data.reader import (
 from promptcam.evaluation.linear_probe import LinearProbeConfig, run_linear_probe
 from promptcam.io import atomic_open, sha256_file, write_json
 from promptcam.model.checkpoint import load_checkpoint
+from promptcam.progress import ProgressLines
 from promptcam.training.runtime import collect_scores, mean_loss, resolve_device, topk_accuracy
 
 LOGGER = logging.getLogger(__name__)
@@ -43,18 +44,15 @@ LOGGER = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """The config's ``evaluate`` section (``device`` is ``train.device``); defaults as in the
+    schema, except ``threads``: torch's threads, which the adapter derives from the job's."""
+
     batch_size: int = 64
-    num_workers: int = 0
+    num_workers: int = 1
     threads: int = 1
     device: str = "auto"
     top_k: int = 5
     linear_probe: LinearProbeConfig = field(default_factory=LinearProbeConfig)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
-        values = dict(values)
-        probe = LinearProbeConfig.from_dict(values.pop("linear_probe", {}))
-        return cls(**values, linear_probe=probe)
 
 
 def confusion_matrix(predictions: Tensor, labels: Tensor, num_classes: int) -> np.ndarray:
@@ -125,24 +123,25 @@ def evaluate_rank(
     model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
     model.to(device)
     label_names = list(meta.label_names)
-    preprocessing = meta.preprocessing
-    if preprocessing.interpolation != "bilinear":
-        # The shard reader always resizes bilinearly; say so rather than differ silently.
-        LOGGER.warning(
-            "%s asks for %s resizing; the shard reader resizes bilinearly",
-            checkpoint,
-            preprocessing.interpolation,
-        )
-    transform = TransformConfig.unaugmented(preprocessing)
+    # The checkpoint's preprocessing, interpolation included (the reader honours it).
+    transform = TransformConfig.unaugmented(meta.preprocessing)
 
     def loader(split: str) -> DataLoader:
         return split_loader(
             shards_dir, split, rank, transform, config.batch_size, config.num_workers, device
         )
 
+    lines = ProgressLines()
     scores, labels = collect_scores(model, loader("test"), device)
     report, confusion = classification_report(scores, labels, label_names, config.top_k)
     LOGGER.info("%s: Prompt-CAM test top-1 %.4f on %d images", rank, report["top1"], len(labels))
+    lines.report(
+        "Prompt-CAM test top-1 %.3f on %d images (%.0f s); fitting the linear probe",
+        report["top1"],
+        len(labels),
+        lines.elapsed(),
+        force=True,
+    )
 
     manifest = load_manifest(shards_dir)
     probe = run_linear_probe(
@@ -173,4 +172,12 @@ def evaluate_rank(
     )
     write_confusion_tsv(out_confusion, confusion, label_names)
     write_json(out_json, report)
+    lines.report(
+        "wrote %s and %s: linear probe test top-1 %.3f (%.0f s)",
+        out_json,
+        out_confusion,
+        probe["test_top1"],
+        lines.elapsed(),
+        force=True,
+    )
     return report

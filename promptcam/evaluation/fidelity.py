@@ -34,8 +34,10 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import Tensor
 
+from promptcam.config import settings_from_config
 from promptcam.data.reader import TransformConfig, split_loader
 from promptcam.io import atomic_open, write_json
+from promptcam.progress import ProgressLines
 
 LOGGER = logging.getLogger(__name__)
 
@@ -79,11 +81,8 @@ class FidelityConfig:
     threads: int = 1
     num_workers: int = 0
     device: str = "auto"
+    # The config's evaluate.linear_probe, so that fidelity explains the evaluated probe.
     linear_probe: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> FidelityConfig:
-        return cls(**dict(values))
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -289,7 +288,9 @@ def _fit_probe(
         fit_linear_probe,
     )
 
-    probe_config = LinearProbeConfig.from_dict(config.linear_probe)
+    probe_config = settings_from_config(
+        LinearProbeConfig, config.linear_probe, "evaluate.linear_probe"
+    )
     features = {
         split: backbone_features(
             model.backbone,
@@ -385,6 +386,9 @@ def run_rank_fidelity(
     aucs: dict[str, dict[str, list[np.ndarray]]] = {}
     flips: dict[str, list[np.ndarray]] = {}
     seen = 0
+    lines = ProgressLines()
+    limit = "all" if config.max_images is None else f"at most {config.max_images}"
+    lines.report("insertion/deletion and counterfactual on %s test images", limit, force=True)
     loader = split_loader(
         shards_dir,
         "test",
@@ -435,6 +439,7 @@ def run_rank_fidelity(
                 )
                 for key, values in result.items():
                     flips.setdefault(key, []).append(values)
+        lines.report("%d test images (%.0f s)", seen, lines.elapsed())
     if not seen:
         raise ValueError(f"no test images for rank {rank!r} in {shards_dir}")
     table = _fidelity_table(aucs, seen)
@@ -458,4 +463,13 @@ def run_rank_fidelity(
     )
     LOGGER.info("%s: counterfactual %s", rank, report)
     write_json(out_counterfactual, report)
+    lines.report(
+        "wrote %s and %s: %d test images, %d methods (%.0f s)",
+        out_tsv,
+        out_counterfactual,
+        seen,
+        len(table),
+        lines.elapsed(),
+        force=True,
+    )
     return table

@@ -52,13 +52,6 @@ class LinearProbeConfig:
         if not self.c_grid or min(self.c_grid) <= 0:
             raise ValueError(f"c_grid must hold positive values, got {self.c_grid}")
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> LinearProbeConfig:
-        values = dict(values)
-        if "c_grid" in values:
-            values["c_grid"] = tuple(float(c) for c in values["c_grid"])
-        return cls(**values)
-
 
 def pool_tokens(backbone: VisionTransformer, tokens: torch.Tensor, pool: Pool) -> torch.Tensor:
     """Normed tokens (B, prefix + patches, D) -> features (B, D)."""

@@ -51,6 +51,19 @@ class BackboneMismatchError(ValueError):
     """The backbone weights offered are not the ones the checkpoint was trained on."""
 
 
+def _not_a_checkpoint(path: str | os.PathLike, payload: Any) -> str:
+    message = f"{path} is not a Prompt-CAM checkpoint (model.pt of a trained rank)"
+    if isinstance(payload, dict) and "model_state_dict" in payload:
+        return f"{message}: it looks like the reference's; convert it: promptcam convert-reference"
+    if (
+        isinstance(payload, dict)
+        and payload
+        and all(isinstance(v, Tensor) for v in payload.values())
+    ):
+        return f"{message}: it holds {len(payload)} bare tensors (a weight file, e.g. a backbone's)"
+    return message
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: PromptCAM,
@@ -64,7 +77,9 @@ def save_checkpoint(
     The backbone is referenced, not stored: its timm name, kwargs, weight file (path and
     sha256) or random-init seed. Only tensors and plain Python values are written, so the
     file loads with ``torch.load(weights_only=True)``; ``extra`` must hold such values too.
-    ``preprocessing`` defaults to the backbone's data config.
+    ``preprocessing`` defaults to the model's (:attr:`PromptCAM.preprocessing`: what the
+    backbone's weights expect, or the config's overrides), so that every checkpoint says how its
+    inputs were made.
     """
     if len(label_names) != model.num_classes:
         raise ValueError(f"{len(label_names)} label names for {model.num_classes} classes")
@@ -82,15 +97,36 @@ def save_checkpoint(
         },
         "state_dict": trainable_state(model),
         "label_names": list(label_names),
-        "preprocessing": dataclasses.asdict(
-            preprocessing or Preprocessing.from_backbone(model.backbone)
-        ),
+        "preprocessing": dataclasses.asdict(preprocessing or model.preprocessing),
         "extra": dict(extra or {}),
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
         # Fail now, not at load time, if something unsafe to unpickle slipped in.
         torch.load(tmp, map_location="cpu", weights_only=True)
+
+
+def read_torch_file(path: str | os.PathLike, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, failing clearly on a wrong file.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a torch file (e.g. a metrics table given as a checkpoint),
+            naming ``what`` was expected.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no file {path} (expected {what})")
+    if not path.is_file():
+        raise ValueError(f"{path} is a folder, not {what}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as error:  # torch.load's unpickler raises anything on a foreign file
+        raise ValueError(
+            f"{path} is not {what}: torch.load cannot read it ({type(error).__name__})"
+        ) from error
 
 
 def load_checkpoint(
@@ -101,10 +137,20 @@ def load_checkpoint(
 
     ``backbone_weights`` overrides the weight file path stored in the checkpoint (e.g. on
     another machine); its sha256 must match the one recorded at save time.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` or at its backbone weights' path.
+        ValueError: ``path`` is not a Prompt-CAM checkpoint (the message says what it is).
+        BackboneMismatchError: the backbone weights are not the ones trained on.
     """
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a Prompt-CAM checkpoint")
+    payload = read_torch_file(path, "a Prompt-CAM checkpoint")
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(_not_a_checkpoint(path, payload))
+    if payload.get("version", 0) > CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path} is a checkpoint of version {payload['version']}; this promptcam reads "
+            f"up to version {CHECKPOINT_VERSION}: update promptcam"
+        )
     stored = payload["backbone"]
     weights = stored["weights"] if backbone_weights is None else str(backbone_weights)
     expected = stored["weights_sha256"]
@@ -116,7 +162,8 @@ def load_checkpoint(
     if expected is not None:
         if not Path(weights).is_file():
             raise FileNotFoundError(
-                f"backbone weights {weights} of {path} not found; pass backbone_weights="
+                f"backbone weights {weights} of {path} not found; give their new path "
+                "(--backbone-weights, or backbone_weights= in Python)"
             )
         actual = sha256_file(weights)
         if actual != expected:
@@ -124,11 +171,18 @@ def load_checkpoint(
                 f"backbone weights {weights} have sha256 {actual}, but {path} was trained on "
                 f"weights with sha256 {expected}"
             )
+    preprocessing = Preprocessing.from_dict(payload["preprocessing"])
     spec = BackboneSpec(
         name=stored["name"],
         weights=weights,
         kwargs=stored["kwargs"],
         seed=stored["seed"],
+        # The recorded preprocessing wins over the family's, so model and meta agree.
+        preprocessing={
+            "mean": preprocessing.mean,
+            "std": preprocessing.std,
+            "interpolation": preprocessing.interpolation,
+        },
     )
     model = PromptCAM(spec, PromptCAMConfig(**payload["config"]))
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
@@ -137,7 +191,7 @@ def load_checkpoint(
         raise ValueError(f"{path}: missing tensors {missing}, unexpected tensors {unexpected}")
     meta = CheckpointMeta(
         label_names=tuple(payload["label_names"]),
-        preprocessing=Preprocessing.from_dict(payload["preprocessing"]),
+        preprocessing=preprocessing,
         extra=payload["extra"],
     )
     return model.eval(), meta

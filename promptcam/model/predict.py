@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
@@ -25,6 +25,10 @@ def list_images(image_or_dir: str | os.PathLike) -> tuple[Path, list[str]]:
     """A root and the image paths under it (recursive, sorted), relative to that root."""
     path = Path(image_or_dir)
     if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(
+                f"{path} is not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
         return path.parent, [path.name]
     if not path.is_dir():
         raise FileNotFoundError(f"no image or folder {path}")
@@ -40,8 +44,11 @@ def list_images(image_or_dir: str | os.PathLike) -> tuple[Path, list[str]]:
 
 def load_image(path: str | os.PathLike, preprocessing: Preprocessing) -> Tensor:
     """Image file -> normalised (3, H, W) float tensor."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{path} is not an image that PIL can read") from error
     image = TF.resize(
         image, list(preprocessing.img_size), InterpolationMode(preprocessing.interpolation)
     )
@@ -56,20 +63,22 @@ def predict(
     batch_size: int = 32,
     device: str | torch.device | None = None,
     backbone_weights: str | os.PathLike | None = None,
-) -> None:
-    """Write ``out_npz`` (atomically) with, for N images, C classes, H heads, P patches:
+) -> int:
+    """Write ``out_npz`` (atomically); returns N. For N images, C classes, H heads, P patches:
 
     * ``scores`` (N, C) float32;
+    * ``predicted_index`` (N,) int64: the class with the highest score; ``predicted`` (N,):
+      its label;
     * ``attention`` (N, H, C, P) float16: each class prompt's last-block attention over the
       patches (softmax over all tokens, not renormalised), row-major over ``patch_grid``;
     * ``patch_grid`` (2,): patch rows and columns;
     * ``image_names`` (N,): paths relative to ``image_or_dir`` (the file name for one image);
     * ``label_names`` (C,).
     """
+    root, names = list_images(image_or_dir)  # first: a wrong path fails before the model loads
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_checkpoint(ckpt, backbone_weights=backbone_weights)
     model.to(device)
-    root, names = list_images(image_or_dir)
 
     scores = np.empty((len(names), model.num_classes), dtype=np.float32)
     attention: np.ndarray | None = None
@@ -82,12 +91,16 @@ def predict(
         scores[start : start + len(batch)] = batch_scores.float().cpu().numpy()
         attention[start : start + len(batch)] = batch_attention.half().cpu().numpy()
 
+    predicted = scores.argmax(axis=1).astype(np.int64)
     with atomic_open(out_npz, "wb") as handle:
         np.savez(
             handle,
             scores=scores,
+            predicted_index=predicted,
+            predicted=np.array(meta.label_names, dtype=str)[predicted],
             attention=attention,
             patch_grid=np.array(model.patch_grid, dtype=np.int64),
             image_names=np.array(names, dtype=str),
             label_names=np.array(meta.label_names, dtype=str),
         )
+    return len(names)

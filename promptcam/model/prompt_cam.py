@@ -42,7 +42,7 @@ from timm.layers import Attention, calculate_drop_path_rates, drop_path
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from promptcam.model.backbone import _check_supported, backbone_from_spec
+from promptcam.model.backbone import _check_supported, backbone_from_spec, resolve_preprocessing
 from promptcam.model.spec import BackboneSpec, PromptCAMConfig
 
 ModuleCall = Callable[[nn.Module, Tensor], Tensor]
@@ -110,11 +110,13 @@ class PromptCAM(nn.Module):
     def __init__(self, backbone: BackboneSpec, config: PromptCAMConfig) -> None:
         super().__init__()
         vit = backbone_from_spec(backbone)
-        _check_supported(vit)
+        _check_supported(vit, backbone.name)
         vit.requires_grad_(False)
         self.backbone = vit.eval()
         self.backbone_spec = backbone
         self.config = config
+        # What the inputs must be: the weights' family's, or the spec's overrides.
+        self.preprocessing = resolve_preprocessing(backbone, vit)
 
         depth, dim, num_classes = len(vit.blocks), vit.embed_dim, config.num_classes
         if config.layout == "reference":
@@ -163,7 +165,29 @@ class PromptCAM(nn.Module):
 
     @property
     def patch_grid(self) -> tuple[int, int]:
+        """Patch rows and columns of an input of the backbone's ``img_size``: the attention maps'
+        last axis is this grid, row-major."""
         return tuple(self.backbone.patch_embed.grid_size)
+
+    def patch_grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Patch rows and columns of a ``height`` x ``width`` input, which must be the backbone's
+        ``img_size``, or with ``dynamic_img_size`` any multiple of the patch size."""
+        patch_embed = self.backbone.patch_embed
+        patch_h, patch_w = patch_embed.patch_size
+        if self.backbone.dynamic_img_size:
+            if height % patch_h or width % patch_w:
+                raise ValueError(
+                    f"images are {height}x{width} px, not a multiple of the patch size "
+                    f"{patch_h}x{patch_w}: pad or resize them"
+                )
+        elif (height, width) != tuple(patch_embed.img_size):
+            expected = "x".join(str(size) for size in patch_embed.img_size)
+            raise ValueError(
+                f"images are {height}x{width} px but the backbone takes {expected} "
+                "(backbone.kwargs.img_size): resize them as the checkpoint's preprocessing says, "
+                "or build the backbone with dynamic_img_size: true"
+            )
+        return height // patch_h, width // patch_w
 
     @property
     def _num_leading_tokens(self) -> int:
@@ -191,6 +215,7 @@ class PromptCAM(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         """Images (B, 3, H, W) -> tokens entering block 1: [prefix (CLS, registers), patches]."""
+        self.patch_grid_for(*x.shape[-2:])  # a clear error for a size the backbone cannot take
         vit = self.backbone
         return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
 

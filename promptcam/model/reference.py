@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from promptcam.io import atomic_path, sha256_file
-from promptcam.model.checkpoint import save_checkpoint
+from promptcam.model.checkpoint import read_torch_file, save_checkpoint
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import BackboneSpec, Preprocessing, PromptCAMConfig
 
@@ -56,7 +56,13 @@ def convert_reference_checkpoint(
         backbone_kwargs: Extra timm arguments, e.g. ``{"img_size": 224}`` for DINOv2.
         label_names: One per class, in the reference's class order; ``class_<i>`` by default.
     """
-    state = dict(torch.load(in_path, map_location="cpu", weights_only=True)["model_state_dict"])
+    payload = read_torch_file(in_path, "a reference checkpoint")
+    if not isinstance(payload, dict) or "model_state_dict" not in payload:
+        raise ValueError(
+            f"{in_path} is not a reference checkpoint ({{'model_state_dict': ...}}, the "
+            "model.pt of Imageomics/Prompt_CAM)"
+        )
+    state = dict(payload["model_state_dict"])
     missing = [key for key in (_PROMPTS, *_HEAD) if key not in state]
     if missing:
         raise ValueError(f"{in_path} is not a Prompt-CAM reference checkpoint: no {missing}")

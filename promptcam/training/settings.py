@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The config's ``train.defaults`` (less ``model`` and ``transform``) and ``train``'s
+    runtime keys; defaults as in the schema (tests/test_config.py checks)."""
+
     epochs: int = 130
     warmup_epochs: int = 20
     batch_size: int = 16
@@ -46,10 +46,3 @@ class TrainConfig:
                 f"sampled_classes ({self.sampled_classes}) must be at least batch_size "
                 f"({self.batch_size}), so that every image's own class is scored"
             )
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
-        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown training settings {sorted(unknown)}")
-        return cls(**values)

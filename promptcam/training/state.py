@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from promptcam.config import runtime_keys
 from promptcam.data.reader import TransformConfig
 from promptcam.io import atomic_open, atomic_path, sha256_file
 from promptcam.model.checkpoint import load_trainable, trainable_state
@@ -28,9 +29,6 @@ LOGGER = logging.getLogger(__name__)
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "seconds")
 
 STATE_FORMAT = "promptcam-train-state/1"
-
-# Settings that change where the computation runs or how it reports, not its result.
-_NOT_FINGERPRINTED = ("device", "threads", "progress_seconds", "compile", "mixed_precision")
 
 
 def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
@@ -76,12 +74,15 @@ def run_identity(
     transform: TransformConfig,
     manifest: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Everything that determines the trained tensors; a saved state resumes only if equal."""
+    """Everything that determines the trained tensors; a saved state resumes only if equal.
+
+    The schema's runtime keys of ``train`` (device, threads, ...) say where the run happens,
+    not what it computes: a run resumes on another device.
+    """
+    runtime = runtime_keys("train")
     return {
         "train_config": {
-            key: value
-            for key, value in dataclasses.asdict(config).items()
-            if key not in _NOT_FINGERPRINTED
+            key: value for key, value in dataclasses.asdict(config).items() if key not in runtime
         },
         "model_config": dataclasses.asdict(prompt_config),
         "backbone": {

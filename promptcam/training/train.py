@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from promptcam.config import settings_from_config
 from promptcam.data.metadata import read_label_names
 from promptcam.data.reader import (
     ShardDataset,
@@ -65,6 +66,7 @@ from promptcam.data.reader import (
 from promptcam.model.checkpoint import load_trainable, save_checkpoint, trainable_state
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import Preprocessing, PromptCAMConfig, backbone_spec
+from promptcam.progress import ProgressLines
 from promptcam.training.runtime import resolve_device, seed_everything
 from promptcam.training.settings import TrainConfig
 from promptcam.training.state import (
@@ -80,17 +82,34 @@ from promptcam.training.steps import build_optimizer, train_one_epoch, validate
 LOGGER = logging.getLogger(__name__)
 
 
-def resolve_transform(img_size: int, settings: Mapping[str, Any] | None) -> TransformConfig:
-    """Transform settings (``resize_size``, ``mean``, ``std``, all optional) for a backbone
-    of input size ``img_size``. The default resize is the reference's 240 for 224, scaled."""
+def resolve_transform(
+    preprocessing: Preprocessing, settings: Mapping[str, Any] | None
+) -> TransformConfig:
+    """The train transform for a backbone whose inputs are ``preprocessing`` (its size, mean,
+    std and interpolation; one source for training and evaluation), with the train settings'
+    ``resize_size`` (default: the reference's 240 for 224, scaled)."""
     values = dict(settings or {})
-    if values.setdefault("img_size", img_size) != img_size:
-        raise ValueError(f"transform img_size {values['img_size']} != backbone input {img_size}")
-    values.setdefault("resize_size", round(img_size * 240 / 224))
-    for key in ("mean", "std"):
-        if key in values:
-            values[key] = tuple(float(v) for v in values[key])
-    return TransformConfig(**values)
+    moved = sorted({"mean", "std", "interpolation"} & set(values))
+    if moved:
+        raise ValueError(
+            f"train transform settings {moved} moved to backbone.preprocessing, which training "
+            "and evaluation share (unset: what the backbone's weights expect)"
+        )
+    height, width = preprocessing.img_size
+    if height != width:
+        raise ValueError(
+            f"the backbone takes {height}x{width} images, but the shard reader makes square "
+            "ones: set backbone.kwargs.img_size to one number"
+        )
+    if values.setdefault("img_size", height) != height:
+        raise ValueError(f"transform img_size {values['img_size']} != backbone input {height}")
+    values.setdefault("resize_size", round(height * 240 / 224))
+    return TransformConfig(
+        **values,
+        mean=tuple(preprocessing.mean),
+        std=tuple(preprocessing.std),
+        interpolation=preprocessing.interpolation,
+    )
 
 
 @contextlib.contextmanager
@@ -135,7 +154,9 @@ def train_rank(
     out_dir = Path(out_dir)
     label_names = read_label_names(labels_tsv)
     spec = backbone_spec(backbone)
-    prompt_config = PromptCAMConfig(num_classes=len(label_names), **model_config)
+    prompt_config = settings_from_config(
+        PromptCAMConfig, {**model_config, "num_classes": len(label_names)}, "train.model"
+    )
     if config.sampled_classes is not None and prompt_config.layout != "scalable":
         raise ValueError(
             f"train.sampled_classes ({config.sampled_classes}) needs model.layout: scalable; "
@@ -148,8 +169,7 @@ def train_rank(
 
     seed_everything(config.seed)  # fixes the prompt initialisation
     model = PromptCAM(spec, prompt_config).to(device)
-    img_size = model.backbone.patch_embed.img_size[0]
-    transform = resolve_transform(img_size, transform)
+    transform = resolve_transform(model.preprocessing, transform)
     optimizer = build_optimizer(model, config)
     fingerprint = run_fingerprint(
         run_identity(
@@ -185,17 +205,20 @@ def train_rank(
         shards_dir, "val", rank, transform, config.eval_batch_size, config.num_workers, device
     )
 
+    # Console lines: at most one epoch every progress_seconds (the log has every epoch).
+    epoch_lines = ProgressLines(config.progress_seconds)
     state_path = out_dir / "last.pt"
     start_epoch, history, best = start_or_resume(state_path, fingerprint, model, optimizer)
-    LOGGER.info(
-        "training %s: %d classes, %d train images per epoch, epochs %d..%d of %d, device %s",
+    # Progress lines go to the log too (and, in a workflow job, to the console).
+    epoch_lines.report(
+        "%s: %d classes, %d train images per epoch, epochs %d..%d on %s",
         rank,
         len(label_names),
         samples_per_epoch,
         start_epoch + 1,
         config.epochs,
-        config.epochs,
         device,
+        force=True,
     )
     # Compiled for training only: its wrapper shares the parameters, which are what is saved.
     train_forward = torch.compile(model) if config.compile else model
@@ -232,6 +255,15 @@ def train_rank(
                 best = {"epoch": epoch + 1, "val_top1": val_top1, "tensors": trainable_state(model)}
             progress.set_postfix(epoch=epoch + 1, loss=f"{stats.loss:.3f}", val=f"{val_top1:.3f}")
             LOGGER.info("%s epoch %d: %s", rank, epoch + 1, row)
+            epoch_lines.report(
+                "epoch %d/%d loss %.3f val top-1 %.3f (%.0f s)",
+                epoch + 1,
+                config.epochs,
+                stats.loss,
+                val_top1,
+                row["seconds"],
+                force=epoch + 1 == config.epochs,
+            )
             write_metrics(out_dir / "metrics.tsv", history)
             save_training_state(
                 state_path,
@@ -252,13 +284,7 @@ def train_rank(
         model_path,
         model,
         label_names=label_names,
-        preprocessing=Preprocessing(
-            img_size=(img_size, img_size),
-            mean=transform.mean,
-            std=transform.std,
-            # torchvision's Resize default, which the reader's test transform uses.
-            interpolation="bilinear",
-        ),
+        preprocessing=model.preprocessing,
         extra={
             "rank": rank,
             "selected_on": "val_top1",
@@ -272,5 +298,11 @@ def train_rank(
     )
     # Finished: the state has served its purpose (a forced rerun trains afresh).
     state_path.unlink(missing_ok=True)
-    LOGGER.info("%s: selected epoch %d (val top-1 %.4f)", rank, best["epoch"], best["val_top1"])
+    epoch_lines.report(
+        "wrote %s: epoch %d selected (val top-1 %.4f)",
+        model_path,
+        best["epoch"],
+        best["val_top1"],
+        force=True,
+    )
     return model_path

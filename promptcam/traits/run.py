@@ -6,20 +6,21 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from promptcam.config import EncodePrecision
-from promptcam.data.reader import TransformConfig, split_loader
+from promptcam.data.reader import TransformConfig, load_manifest, split_loader, split_size
+from promptcam.progress import ProgressLines
 from promptcam.training.runtime import resolve_device
 from promptcam.traits.cross_class import CrossClassAccumulator, cross_class_pairs, write_cross_class
 from promptcam.traits.search import (
     LOGGER,
     EliminationTrace,
     GreedyConfig,
+    StopRule,
     greedy_heads,
     identify_traits,
     stop_search,
@@ -51,10 +52,10 @@ def traits_for_images(
     from promptcam.model.checkpoint import load_checkpoint
     from promptcam.model.predict import list_images, load_image
 
+    root, names = list_images(image_or_dir)  # first: a wrong path fails before the model loads
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
     model.to(device)
-    root, names = list_images(image_or_dir)
     traces = []
     for start in range(0, len(names), batch_size):
         batch = names[start : start + batch_size]
@@ -86,38 +87,33 @@ def traits_for_images(
 
 @dataclass(frozen=True)
 class TraitRunConfig:
-    """The workflow's ``traits`` section: the search, the batching and the cross-class pairs.
+    """The config's ``traits`` section (less ``localization`` and ``fidelity``): the search's
+    stop rule (``stop``, ``top_traits``, ``tie_tolerance``: see :class:`GreedyConfig`), the
+    batching and the cross-class pairs. Defaults as in the schema, except ``threads`` (torch's
+    threads: the adapter gives the job's).
 
-    ``cross_class_pairs`` lists ``[image class, prompt class]`` label pairs of this rank;
+    ``cross_class_pairs`` maps a rank to its ``[image class, prompt class]`` label pairs;
     ``siblings`` adds every ordered pair of sibling classes.
     """
 
-    greedy: GreedyConfig = field(default_factory=GreedyConfig)
+    stop: StopRule = "top-k"
+    top_traits: int = 4
+    tie_tolerance: float = 1e-5
     encode_precision: EncodePrecision = "auto"
     batch_size: int = 32
     num_workers: int = 0
     threads: int = 1
     device: str = "auto"
-    cross_class_pairs: tuple[tuple[str, str], ...] = ()
+    cross_class_pairs: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     siblings: bool = True
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any], rank: str) -> TraitRunConfig:
-        """From the config's ``traits`` section; ``cross_class_pairs`` is ``{rank: [[a, b]]}``."""
-        pairs = values.get("cross_class_pairs", {}).get(rank, [])
-        return cls(
-            greedy=GreedyConfig(
-                stop=values.get("stop", "top-k"),
-                top_traits=int(values.get("top_traits", 4)),
-                tie_tolerance=float(values.get("tie_tolerance", 1e-5)),
-            ),
-            encode_precision=values.get("encode_precision", "auto"),
-            batch_size=int(values.get("batch_size", 32)),
-            num_workers=int(values.get("num_workers", 0)),
-            threads=int(values.get("threads", 1)),
-            device=values.get("device", "auto"),
-            cross_class_pairs=tuple((str(a), str(b)) for a, b in pairs),
-            siblings=bool(values.get("siblings", True)),
+    def __post_init__(self) -> None:
+        self.greedy  # noqa: B018 - validates the stop rule now, not after the forward passes
+
+    @property
+    def greedy(self) -> GreedyConfig:
+        return GreedyConfig(
+            stop=self.stop, top_traits=self.top_traits, tie_tolerance=self.tie_tolerance
         )
 
 
@@ -147,7 +143,9 @@ def run_rank_traits(
     model.to(device)
     label_names = list(meta.label_names)
     pairs = cross_class_pairs(
-        label_names, config.cross_class_pairs, siblings if config.siblings else None
+        label_names,
+        config.cross_class_pairs.get(rank, ()),
+        siblings if config.siblings else None,
     )
     grid = model.patch_grid
     cross = CrossClassAccumulator(pairs, model.num_heads, grid[0] * grid[1])
@@ -162,6 +160,8 @@ def run_rank_traits(
     )
     image_ids, traces, maps = [], [], []
     start = time.perf_counter()
+    lines, total = ProgressLines(), split_size(load_manifest(shards_dir), "test")
+    lines.report("searching the trait heads of %d test images on %s", total, device, force=True)
     for images, labels, batch_meta in loader:
         result = identify_traits(
             model,
@@ -174,6 +174,7 @@ def run_rank_traits(
         image_ids.extend(batch_meta["sample_id"])
         traces.append(result.trace)
         maps.append(result.target_maps().float().cpu().numpy())
+        lines.report("%d/%d test images (%.0f s)", len(image_ids), total, lines.elapsed())
     if not traces:
         raise ValueError(f"no test images for rank {rank!r} in {shards_dir}")
     search = stop_search(EliminationTrace.concatenate(traces), config.greedy)
@@ -196,4 +197,12 @@ def run_rank_traits(
         outputs["summary"], outputs["summary_maps"], summary, mean_maps, label_names
     )
     write_cross_class(outputs["cross_class"], outputs["cross_class_maps"], cross, label_names, grid)
+    lines.report(
+        "wrote %s and 5 more: %d test images, %d correctly classified and searched (%.0f s)",
+        outputs["table"],
+        len(image_ids),
+        int(search.trace.searched.sum()),
+        seconds,
+        force=True,
+    )
     return table

@@ -4,7 +4,7 @@ import re
 from pathlib import Path, PurePosixPath
 
 import promptcam
-from promptcam.config import rank_train_settings
+from promptcam.config import config_section, rank_train_settings, result_settings
 
 
 def levels():
@@ -85,13 +85,17 @@ def canonical(value):
     return value
 
 
-def rule_settings(section, *runtime):
-    """A config section as params, less its ``runtime`` keys (threads, device...).
+def rule_settings(section, *elsewhere):
+    """The config section at a dotted path ("traits.fidelity") as params, less its runtime
+    keys and the subsections ``elsewhere`` that other rules own.
 
-    Runtime keys say where and how fast a job runs, not what it computes: the rule reads them
-    from the config (or its threads directive), so changing them reruns nothing.
+    Runtime keys (`runtime: true` in the schema: threads, device...) say where and how fast a
+    job runs, not what it computes: the job reads them from the config (or its threads
+    directive), so changing them reruns nothing.
     """
-    return canonical({k: v for k, v in section.items() if k not in runtime})
+    return canonical(
+        result_settings(config_section(config, section), section, *elsewhere)
+    )
 
 
 def rank_result(rank, name):
@@ -157,7 +161,7 @@ def gpu_request():
 
 def pretrain_settings():
     """PretrainConfig fields from the config (threads come from the rule)."""
-    return rule_settings(config["pretrain"], "device", "probe_per_species", "stages")
+    return rule_settings("pretrain", "probe_per_species", "stages")
 
 
 def pretrain_stages():

@@ -15,7 +15,7 @@ rule generate_demo:
         "../../envs/data.yaml"
     threads: config["demo"]["threads"]
     params:
-        demo=rule_settings(config["demo"], "threads"),
+        demo=rule_settings("demo"),
     script:
         "../../scripts/generate_demo.py"
 
@@ -67,6 +67,6 @@ rule write_shards:
     params:
         image_root=image_root,
         levels=levels(),
-        shards=rule_settings(config["shards"], "threads"),
+        shards=rule_settings("shards"),
     script:
         "../../scripts/write_shards.py"

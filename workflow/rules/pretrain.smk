@@ -20,7 +20,6 @@ rule pretrain_backbone:
         settings=pretrain_settings(),
         stages=pretrain_stages(),
         work_dir="results/pretrain/work",
-        device=config["pretrain"]["device"],
         probe_per_species=config["pretrain"]["probe_per_species"],
         command="snakemake --cores 2 pretrain_backbone",
     script:

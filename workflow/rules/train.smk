@@ -61,6 +61,6 @@ rule evaluate:
     resources:
         gpu=gpu_request(),
     params:
-        settings=rule_settings(config["evaluate"], "threads"),
+        settings=rule_settings("evaluate"),
     script:
         "../../scripts/evaluate.py"

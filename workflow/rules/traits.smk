@@ -26,9 +26,7 @@ rule traits:
     resources:
         gpu=gpu_request(),
     params:
-        settings=rule_settings(
-            config["traits"], "localization", "fidelity", "threads", "device"
-        ),
+        settings=rule_settings("traits", "localization", "fidelity"),
     script:
         "../../scripts/traits.py"
 
@@ -75,7 +73,7 @@ rule fidelity:
     resources:
         gpu=gpu_request(),
     params:
-        settings=rule_settings(config["traits"]["fidelity"], "threads", "device"),
+        settings=rule_settings("traits.fidelity"),
         linear_probe=probe_settings(),
     script:
         "../../scripts/fidelity.py"
