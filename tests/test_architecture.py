@@ -81,3 +81,40 @@ def test_module_imports_without_torch(module, repo_root):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]", f"{module} imports {result.stdout.strip()}"
+
+
+def test_research_and_benchmark_scripts_still_start(repo_root):
+    """Nothing in the product imports them, so nothing else notices when a library change
+    breaks one: each must at least import and answer --help (one process for all)."""
+    scripts = sorted(
+        str(path)
+        for folder in ("research", "benchmarks")
+        for path in (repo_root / folder).glob("*.py")
+    )
+    assert len(scripts) >= 9, scripts
+    code = (
+        "import runpy, sys\n"
+        "failed = []\n"
+        f"for script in {scripts!r}:\n"
+        "    sys.argv = [script, '--help']\n"
+        "    try:\n"
+        "        runpy.run_path(script, run_name='__main__')\n"
+        "    except SystemExit as stop:\n"
+        "        if stop.code not in (0, None):\n"
+        "            failed.append((script, stop.code))\n"
+        "    except Exception as error:\n"
+        "        failed.append((script, repr(error)))\n"
+        "    else:\n"
+        "        failed.append((script, 'no --help'))\n"
+        "print(failed)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=repo_root,
+        env={**os.environ, "PYTHONPATH": str(repo_root)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-3000:]
