@@ -10,7 +10,7 @@ Without ``--shards``, generates a demo set and its shards first (not timed). The
   included, as in training, where workers are re-created every epoch;
 - the training step alone (forward, backward, SGD step of Prompt-CAM on a small ViT) on one
   batch of random images reused, so no input cost at all;
-- a whole training epoch (:func:`promptcam.training.train.train_one_epoch`) fed by ``--workers`` workers.
+- a whole training epoch (:func:`promptcam.training.steps.train_one_epoch`) fed by ``--workers`` workers.
 
 Prints one table. Training cannot run faster than the slower of its loader and its step.
 """
@@ -34,7 +34,8 @@ from promptcam.demo.organisms import DemoConfig, generate_demo_dataset
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import BackboneSpec, PromptCAMConfig
 from promptcam.training.runtime import autocast, resolve_device
-from promptcam.training.train import TrainConfig, build_optimizer, train_one_epoch
+from promptcam.training.settings import TrainConfig
+from promptcam.training.steps import build_optimizer, train_one_epoch
 
 LEVELS = ("family", "genus", "species")
 

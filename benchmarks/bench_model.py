@@ -26,7 +26,7 @@ from torch import Tensor
 
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import BackboneSpec, PromptCAMConfig
-from promptcam.training.train import sample_classes
+from promptcam.training.steps import sample_classes
 
 
 @dataclass(frozen=True)

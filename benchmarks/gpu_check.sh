@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU-side check and benchmark in one run, for a GPU machine lent for a few minutes:
+# Every GPU-side check and benchmark in one run, for a GPU machine lent for a few minutes: the
+# throughput tables of benchmarks/ and the GPU diagnostics of research/ (demo, gradcheck,
+# variants):
 #
 #   bash benchmarks/gpu_check.sh [SECTION...]   # logs under $OUT (or ./gpu_out)
 #
@@ -54,12 +56,12 @@ run compile 120 python3 benchmarks/bench_model.py --full --compile --no-explicit
 run loader 70 python3 benchmarks/bench_loader.py --image-size 256 --img-size 224 \
     --batch-size 128 --workers 14 --images-per-species 150 --steps 10 --threads 2 \
     --backbone vit_base_patch16_224
-run demo 100 python3 benchmarks/gpu_demo.py --ranks species --workers 8
+run demo 100 python3 research/gpu_demo.py --ranks species --workers 8
 # Needs a trained demo checkpoint and its shards (snakemake --cores 8 results/species/eval.json)
 # carried to the GPU machine.
-run gradcheck 60 python3 benchmarks/gpu_grad_check.py results/species/model.pt results/shards \
+run gradcheck 60 python3 research/gpu_grad_check.py results/species/model.pt results/shards \
     species
-run variants 150 python3 benchmarks/gpu_demo.py --ranks species --workers 8 \
+run variants 150 python3 research/gpu_demo.py --ranks species --workers 8 \
     --variants bf16,fp32,bf16-no-cudnn
 run profile 60 python3 benchmarks/bench_model.py --full --no-explicit --modes train \
     --only scalable:10000 --profile

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# System libraries the pipeline needs besides its pip packages (Debian/Ubuntu, as root).
+# System packages the pipeline needs besides its pip packages (Debian/Ubuntu, as root).
 # PyQt5's wheels bundle Qt but link these (found with ldd on QtCore/QtGui/QtWidgets/
 # QtSvg/QtOpenGL/QtDBus and the offscreen platform plugin); ete3 renders trees with them
 # under QT_QPA_PLATFORM=offscreen, and needs a font for the labels.
 # With --slurm it also installs and starts the one-node test SLURM (slurm/local/start.sh).
 set -euo pipefail
 
-PKGS=(libgl1 libglib2.0-0 libfontconfig1 libfreetype6 libdbus-1-3 libx11-6 libxext6
-    libxcb1 libpng16-16 fonts-dejavu-core)
+# python3-venv: the README installs into a virtual environment (Debian's python3 refuses pip
+# outside one, PEP 668, and has no ensurepip without this package).
+PKGS=(python3-venv libgl1 libglib2.0-0 libfontconfig1 libfreetype6 libdbus-1-3 libx11-6
+    libxext6 libxcb1 libpng16-16 fonts-dejavu-core)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 

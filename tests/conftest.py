@@ -25,6 +25,17 @@ os.environ.pop("OMP_NUM_THREADS", None)  # let torch pick its threads; no inheri
 SLURM_PARTITION = "main"  # must match slurm/config.yaml default-resources.slurm_partition
 
 
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """Say how the tests were ordered, even under -q: a failure in a shuffled order must be
+    repeatable (pytest-randomly, a test extra, shuffles with a fresh seed on every run)."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if config.pluginmanager.has_plugin("randomly") and isinstance(seed, int):
+        terminalreporter.write_line(
+            f"test order: shuffled, seed {seed} (repeat it: -p randomly --randomly-seed={seed};"
+            " file order: -p no:randomly)"
+        )
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository root (the folder holding Snakefile, slurm/, tests/)."""

@@ -26,6 +26,7 @@ from timm.data import (
     OPENAI_CLIP_STD,
 )
 
+from promptcam.model.backbone import backbone_from_spec
 from promptcam.model.checkpoint import load_checkpoint, save_checkpoint
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import BackboneSpec, PromptCAMConfig, backbone_spec
@@ -72,7 +73,7 @@ def test_original_dino_files_give_the_original_forward(
     expected = original_vit_forward(state, x, num_heads=2)
 
     with torch.no_grad():
-        tokens = spec.build().eval().forward_features(x)
+        tokens = backbone_from_spec(spec).eval().forward_features(x)
         # Prompt-CAM's own token path (embedding, prefix tokens, blocks 1..N-1); the scalable
         # layout without agnostic prompts runs those blocks unchanged.
         model = PromptCAM(spec, PromptCAMConfig(3, "scalable", num_agnostic_prompts=0)).eval()
@@ -106,7 +107,7 @@ def test_dinov2_position_embeddings_are_resampled_once_at_load(
     torch.save(state, path)
     x = images(224, 224)
     with torch.no_grad():
-        backbone = build_spec(name, path, img_size=224).build().eval()
+        backbone = backbone_from_spec(build_spec(name, path, img_size=224)).eval()
         tokens = backbone.forward_features(x)
     assert tuple(backbone.patch_embed.grid_size) == (16, 16)
     at_load = original_vit_forward(state, x, num_heads=2, pos_at_load=True)["tokens"]
@@ -178,7 +179,7 @@ def test_clip_files_give_open_clips_forward(
     x = images(size, size)
     pooled, patch_tokens = open_clip_tokens(model, x)
     with torch.no_grad():
-        tokens = spec.build().eval().forward_features(x)
+        tokens = backbone_from_spec(spec).eval().forward_features(x)
     # timm's final norm is CLIP's ln_post; the projection is dropped (Prompt-CAM has its own head).
     assert max_abs(tokens[:, 1:], patch_tokens) < ATOL
     assert max_abs(tokens[:, 0] @ model.visual.proj, pooled) < ATOL
@@ -194,7 +195,7 @@ def test_openai_weights_in_a_gelu_clip_differ_and_warn(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="QuickGELU"):
         spec = build_spec("vit_base_patch16_clip_224.openai", path, img_size=64)
     with torch.no_grad():
-        tokens = spec.build().eval().forward_features(x)
+        tokens = backbone_from_spec(spec).eval().forward_features(x)
     assert max_abs(tokens[:, 1:], open_clip_tokens(model, x)[1]) > 1e-3
 
 

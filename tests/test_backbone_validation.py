@@ -20,7 +20,7 @@ from timm.models import _registry
 from timm.models.vision_transformer import VisionTransformer
 
 from promptcam.model import families
-from promptcam.model.backbone import _check_supported, build_backbone
+from promptcam.model.backbone import _check_supported, backbone_from_spec, build_backbone
 from promptcam.model.spec import (
     UnsupportedBackboneError,
     backbone_spec,
@@ -35,7 +35,9 @@ TINY = dict(embed_dim=32, depth=2, num_heads=2)
 
 
 def load(name: str, path: Path, **kwargs) -> None:
-    backbone_spec({"name": name, "weights": str(path), "kwargs": {**TINY, **kwargs}}).build()
+    backbone_from_spec(
+        backbone_spec({"name": name, "weights": str(path), "kwargs": {**TINY, **kwargs}})
+    )
 
 
 def clip_state(width: int = 32, patch: int = 16) -> dict:

@@ -30,7 +30,7 @@ from promptcam.config import (
 from promptcam.data.metadata import MetadataSpec
 from promptcam.data.shards import ShardConfig
 from promptcam.data.splits import SplitConfig
-from promptcam.demo.organisms import DemoConfig
+from promptcam.demo.taxa import DemoConfig
 from promptcam.model.spec import BackboneSpec, PromptCAMConfig
 
 # Where config/config.yaml (the CPU demo) departs from the schema's defaults, which are the
@@ -251,7 +251,8 @@ def test_runtime_keys_are_marked_once_in_the_schema():
 
 def test_training_fingerprint_leaves_out_exactly_the_runtime_keys():
     from promptcam.data.reader import TransformConfig
-    from promptcam.training.train import TrainConfig, run_identity
+    from promptcam.training.settings import TrainConfig
+    from promptcam.training.state import run_identity
 
     def identity(config: TrainConfig) -> dict:
         return run_identity(
@@ -338,11 +339,11 @@ DERIVED_BY_THE_ADAPTER = {"threads"}
 
 def settings_classes():
     """(dataclass, config section) of every settings dataclass built from the config."""
-    from promptcam.demo.pretrain import PretrainConfig
+    from promptcam.demo.pretext import PretrainConfig
     from promptcam.evaluation.evaluate import EvalConfig
     from promptcam.evaluation.fidelity import FidelityConfig
     from promptcam.evaluation.linear_probe import LinearProbeConfig
-    from promptcam.training.train import TrainConfig
+    from promptcam.training.settings import TrainConfig
     from promptcam.traits.run import TraitRunConfig
     from promptcam.traits.search import GreedyConfig
 

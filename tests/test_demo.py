@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from promptcam.data.masks import decode_trait_mask
-from promptcam.demo.organisms import (
+from promptcam.data.masks import DEMO_LEVELS, decode_trait_mask
+from promptcam.demo.drawing import render_organism
+from promptcam.demo.organisms import generate_demo_dataset
+from promptcam.demo.taxa import (
     BODY,
-    DEMO_LEVELS,
     DORSAL,
     HEAD,
     MARKING,
@@ -21,9 +22,7 @@ from promptcam.demo.organisms import (
     DemoConfig,
     OrganismSpec,
     build_taxonomy,
-    generate_demo_dataset,
     random_spec,
-    render_organism,
 )
 
 

@@ -52,7 +52,7 @@ def test_kept_heads_point_at_the_rank_trait(demo_results, rank):
 def test_no_rank_regresses_below_what_was_measured(demo_results):
     # Stricter than the 0.90: chance is 0.50 / 0.25 / 0.08, and on 2026-11-26 every
     # rank measured at least 0.981 (106/108) with the shipped backbone; species (0.991) varies
-    # from 0.92 to 0.99 over seeds 0-3 (benchmarks/RESULTS.md).
+    # from 0.92 to 0.99 over seeds 0-3 (research/training.md).
     for rank in LEVELS:
         assert demo_results[rank]["eval"]["top1"] >= 0.95, rank
 

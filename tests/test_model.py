@@ -135,7 +135,8 @@ def test_blurred_heads_mean_uniform_attention_of_one_row(layout: str, variant: s
 
 def test_scalable_layout_scores_depend_only_on_attention() -> None:
     """Identical image tokens leave a class nothing to attend to: all scores are equal."""
-    tokens = torch.randn(2, 1, 64).expand(2, 1 + NUM_PATCHES, 64)
+    tokens = torch.randn(2, 1, 64, generator=torch.Generator().manual_seed(0))
+    tokens = tokens.expand(2, 1 + NUM_PATCHES, 64)
     scalable = make_model("scalable")
     with torch.no_grad():
         scalable.class_prompts.normal_(std=3.0)

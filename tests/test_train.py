@@ -34,17 +34,14 @@ from promptcam.data.reader import ShardDataset
 from promptcam.data.shards import ShardConfig, write_shards
 from promptcam.data.splits import SplitConfig
 from promptcam.io import sha256_file
-from promptcam.model.checkpoint import load_checkpoint
+from promptcam.model.checkpoint import load_checkpoint, trainable_state
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import BackboneSpec, PromptCAMConfig
 from promptcam.training.runtime import autocast
-from promptcam.training.train import (
-    METRICS_COLUMNS,
-    TrainConfig,
-    learning_rate,
-    sample_classes,
-    train_rank,
-)
+from promptcam.training.settings import TrainConfig
+from promptcam.training.state import METRICS_COLUMNS, STATE_FORMAT
+from promptcam.training.steps import learning_rate, sample_classes
+from promptcam.training.train import train_rank
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -351,10 +348,10 @@ def test_state_of_other_settings_is_not_resumed(tiny: SimpleNamespace, tmp_path:
     # Plant the other run's final state as if it had been interrupted.
     model = load_checkpoint(out / "model.pt")[0]
     state = {
-        "format": train_module.STATE_FORMAT,
+        "format": STATE_FORMAT,
         "fingerprint": "written-by-other-settings",
         "epoch": 1,
-        "tensors": train_module.trainable_state(model),
+        "tensors": trainable_state(model),
         "optimizer": {},
         "best": {},
         "history": [],

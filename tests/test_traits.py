@@ -319,7 +319,7 @@ def test_cross_class_pairs_from_config_and_siblings() -> None:
 
 def test_cross_class_accumulator_means_prompt_b_on_images_of_a() -> None:
     accumulator = CrossClassAccumulator([(0, 1, "sibling")], num_heads=2, num_patches=3)
-    attention = torch.rand(3, 2, 2, 3)
+    attention = torch.rand(3, 2, 2, 3, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 0])
     accumulator.update(labels, torch.zeros(3, 2), attention)
     cross, own = accumulator.means()

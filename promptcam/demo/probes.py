@@ -10,14 +10,10 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from promptcam.demo.organisms import (
-    DEMO_LEVELS,
-    RANK_TRAIT_PARTS,
-    DemoConfig,
-    build_taxonomy,
-    render_organism,
-)
-from promptcam.demo.pretrain import last_block_tokens, normalise, part_shares
+from promptcam.data.masks import DEMO_LEVELS
+from promptcam.demo.drawing import render_organism
+from promptcam.demo.pretext import last_block_tokens, normalise, part_shares
+from promptcam.demo.taxa import RANK_TRAIT_PARTS, DemoConfig, build_taxonomy
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,8 @@ from typing import Any
 
 import torch
 
-from promptcam.demo.pretrain import (
-    PretextModel,
-    PretrainConfig,
-    export_backbone,
-    log,
-    pretrain,
-)
+from promptcam.demo.pretext import PretextModel, PretrainConfig
+from promptcam.demo.pretrain import export_backbone, log, pretrain
 from promptcam.demo.probes import probe_backbone
 from promptcam.training.runtime import resolve_device
 

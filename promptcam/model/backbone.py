@@ -23,7 +23,12 @@ from promptcam.model.weight_files import (
     without_classifier,
 )
 
-__all__ = ["CUSTOM_PREPROCESSING", "build_backbone", "resolve_preprocessing"]
+__all__ = [
+    "CUSTOM_PREPROCESSING",
+    "backbone_from_spec",
+    "build_backbone",
+    "resolve_preprocessing",
+]
 
 # A vit_custom backbone has no family; the project's own ViTs (the demo's pre-training) use these.
 CUSTOM_PREPROCESSING = {
@@ -66,6 +71,15 @@ def build_backbone(
         model = _named_vit(name, weights, timm_kwargs)
     _check_supported(model, name)
     return model
+
+
+def backbone_from_spec(spec: BackboneSpec) -> VisionTransformer:
+    """The backbone ``spec`` describes; a random initialisation is seeded by ``spec.seed``."""
+    if spec.weights is not None:
+        return build_backbone(spec.name, spec.weights, **spec.kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return build_backbone(spec.name, None, **spec.kwargs)
 
 
 def _known_to_timm(name: str) -> bool:

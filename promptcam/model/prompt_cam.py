@@ -42,7 +42,7 @@ from timm.layers import Attention, calculate_drop_path_rates, drop_path
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from promptcam.model.backbone import _check_supported, resolve_preprocessing
+from promptcam.model.backbone import _check_supported, backbone_from_spec, resolve_preprocessing
 from promptcam.model.spec import BackboneSpec, PromptCAMConfig
 
 ModuleCall = Callable[[nn.Module, Tensor], Tensor]
@@ -109,7 +109,7 @@ class PromptCAM(nn.Module):
 
     def __init__(self, backbone: BackboneSpec, config: PromptCAMConfig) -> None:
         super().__init__()
-        vit = backbone.build()
+        vit = backbone_from_spec(backbone)
         _check_supported(vit, backbone.name)
         vit.requires_grad_(False)
         self.backbone = vit.eval()

@@ -158,7 +158,8 @@ def check_preprocessing_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Everything needed to rebuild a backbone bit-identically; see :func:`build_backbone`.
+    """Everything needed to rebuild a backbone bit-identically (see
+    :func:`promptcam.model.backbone.backbone_from_spec`).
 
     ``kwargs`` are passed to timm (``img_size`` included; for ``vit_custom`` the whole
     architecture) and must be plain Python values, as they are stored in checkpoints.
@@ -175,17 +176,6 @@ class BackboneSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     preprocessing: Mapping[str, Any] = field(default_factory=dict)
-
-    def build(self) -> VisionTransformer:
-        import torch
-
-        from promptcam.model.backbone import build_backbone
-
-        if self.weights is not None:
-            return build_backbone(self.name, self.weights, **self.kwargs)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            return build_backbone(self.name, None, **self.kwargs)
 
 
 DEMO_BACKBONE = Path(__file__).parents[1] / "assets" / "demo_vit.pt"

@@ -41,24 +41,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from promptcam.config import runtime_keys, settings_from_config
+from promptcam.config import settings_from_config
 from promptcam.data.metadata import read_label_names
 from promptcam.data.reader import (
     ShardDataset,
@@ -70,209 +63,23 @@ from promptcam.data.reader import (
     split_size,
     useful_workers,
 )
-from promptcam.io import atomic_open, atomic_path, sha256_file
 from promptcam.model.checkpoint import load_trainable, save_checkpoint, trainable_state
 from promptcam.model.prompt_cam import PromptCAM
-from promptcam.model.spec import (
-    BackboneSpec,
-    Preprocessing,
-    PromptCAMConfig,
-    backbone_spec,
-)
+from promptcam.model.spec import Preprocessing, PromptCAMConfig, backbone_spec
 from promptcam.progress import ProgressLines
-from promptcam.training.runtime import (
-    autocast,
-    batches,
-    collect_scores,
-    mean_loss,
-    resolve_device,
-    seed_everything,
-    topk_accuracy,
+from promptcam.training.runtime import resolve_device, seed_everything
+from promptcam.training.settings import TrainConfig
+from promptcam.training.state import (
+    STATE_FORMAT,
+    run_fingerprint,
+    run_identity,
+    save_training_state,
+    start_or_resume,
+    write_metrics,
 )
+from promptcam.training.steps import build_optimizer, train_one_epoch, validate
 
 LOGGER = logging.getLogger(__name__)
-
-
-METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "seconds")
-
-
-STATE_FORMAT = "promptcam-train-state/1"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """The config's ``train.defaults`` (less ``model`` and ``transform``) and ``train``'s
-    runtime keys; defaults as in the schema (tests/test_config.py checks)."""
-
-    epochs: int = 130
-    warmup_epochs: int = 20
-    batch_size: int = 16
-    lr: float = 0.005
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-8
-    momentum: float = 0.9
-    weight_decay: float = 0.001
-    seed: int = 0
-    shuffle_buffer: int = 1000
-    eval_batch_size: int = 64
-    num_workers: int = 2
-    # Classes scored per training step (sampled softmax; scalable layout only): the batch's own
-    # plus others drawn uniformly. None scores all C.
-    sampled_classes: int | None = None
-    threads: int = 1
-    device: str = "auto"
-    progress_seconds: float = 5.0
-    # torch.compile the training forward: on an H100, 1.4x the images/s (benchmarks/RESULTS.md).
-    compile: bool = False
-    # bf16 autocast on a GPU; off: fp32 there too.
-    mixed_precision: bool = True
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
-            raise ValueError(f"epochs and batch sizes must be >= 1: {self}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise ValueError(f"warmup_epochs must be in [0, epochs]: {self}")
-        if self.num_workers < 0 or self.threads < 1 or self.shuffle_buffer < 0:
-            raise ValueError(f"num_workers, shuffle_buffer >= 0 and threads >= 1: {self}")
-        if self.sampled_classes is not None and self.sampled_classes < self.batch_size:
-            raise ValueError(
-                f"sampled_classes ({self.sampled_classes}) must be at least batch_size "
-                f"({self.batch_size}), so that every image's own class is scored"
-            )
-
-
-def learning_rate(progress: float, config: TrainConfig) -> float:
-    """Learning rate at ``progress`` epochs into training (fractional; timm's cosine rule)."""
-    if progress < config.warmup_epochs:
-        return config.warmup_lr + (config.lr - config.warmup_lr) * progress / config.warmup_epochs
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress / config.epochs))
-    return config.min_lr + (config.lr - config.min_lr) * cosine
-
-
-def build_optimizer(model: PromptCAM, config: TrainConfig) -> torch.optim.SGD:
-    params = [param for param in model.parameters() if param.requires_grad]
-    return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-    )
-
-
-@dataclass(frozen=True)
-class ClassSample:
-    """The classes one training step scores, and how its loss reads their scores."""
-
-    classes: Tensor | None  # (M,) class indices, the batch's own first; None: all, in order
-    targets: Tensor  # (B,) each image's class as a position in ``classes``
-    logit_offset: Tensor | float  # added to the (B, M) scores before the softmax
-
-
-def sample_classes(labels: Tensor, num_classes: int, num_scored: int | None) -> ClassSample:
-    """The batch's own classes plus ``num_scored`` minus their number drawn uniformly, without
-    replacement, from the other classes: a sampled softmax (Jean et al., ACL 2015).
-
-    Each drawn class stands for ``others / drawn`` classes, so its score gets ``log(others /
-    drawn)`` added before the softmax, which makes the denominator an unbiased estimate of the
-    full one; when every other class is drawn that offset is 0 and the loss is the full one.
-    Draws come from torch's global generator on ``labels``' device (reseeded every epoch).
-    """
-    if num_scored is None:
-        return ClassSample(classes=None, targets=labels, logit_offset=0.0)
-    own, targets = labels.unique(return_inverse=True)
-    is_other = torch.ones(num_classes, dtype=torch.bool, device=labels.device)
-    is_other[own] = False
-    others = is_other.nonzero().squeeze(1)
-    num_drawn = min(num_scored, num_classes) - len(own)
-    if num_drawn < 0:
-        raise ValueError(f"{len(own)} classes in the batch but only {num_scored} scored")
-    drawn = others[torch.randperm(len(others), device=labels.device)[:num_drawn]]
-    offset = torch.zeros(len(own) + num_drawn, device=labels.device)
-    if num_drawn:
-        offset[len(own) :] = math.log(len(others) / num_drawn)
-    return ClassSample(classes=torch.cat([own, drawn]), targets=targets, logit_offset=offset)
-
-
-@dataclass
-class EpochStats:
-    lr: float
-    loss: float
-    top1: float
-    samples: int
-
-
-def train_one_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    *,
-    num_classes: int,
-    epoch: int,
-    samples_per_epoch: int,
-    config: TrainConfig,
-    device: torch.device,
-    progress: tqdm,
-) -> EpochStats:
-    model.train()
-    # Sums stay on the device: reading them every step would stall a GPU's queue.
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen, lr = 0, learning_rate(epoch, config)
-    for images, labels in batches(loader, device):
-        lr = learning_rate(epoch + seen / samples_per_epoch, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sample = sample_classes(labels, num_classes, config.sampled_classes)
-        with autocast(device, config.mixed_precision):
-            scores = model(images, sample.classes)
-        loss = F.cross_entropy(scores.float() + sample.logit_offset, sample.targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        count = len(labels)
-        seen += count
-        loss_sum += loss.detach() * count
-        correct += (scores.argmax(dim=1) == sample.targets).sum()
-        progress.update(count)
-    if seen == 0:
-        raise ValueError("the training loader yielded no samples")
-    return EpochStats(lr=lr, loss=loss_sum.item() / seen, top1=correct.item() / seen, samples=seen)
-
-
-def validate(model: PromptCAM, loader: DataLoader, device: torch.device) -> tuple[float, float]:
-    """(loss, top-1) on the validation split."""
-    scores, labels = collect_scores(model, loader, device)
-    return mean_loss(scores, labels), topk_accuracy(scores, labels, 1)
-
-
-def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    # Rewritten whole from the history each epoch: atomic, and consistent after a resume.
-    with atomic_open(path, "w") as handle:
-        handle.write("\t".join(METRICS_COLUMNS) + "\n")
-        for row in rows:
-            handle.write("\t".join(_format_metric(row[column]) for column in METRICS_COLUMNS))
-            handle.write("\n")
-
-
-def _format_metric(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:.6g}"
-
-
-def save_training_state(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_training_state(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The saved state if it belongs to a run with these settings, else None (and say why)."""
-    if not path.is_file():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
-        LOGGER.warning("ignoring %s: it was written with other settings; starting afresh", path)
-        return None
-    return state
-
-
-def run_fingerprint(identity: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def resolve_transform(
@@ -316,50 +123,6 @@ def _progress_bar(config: TrainConfig, total: int, initial: int) -> Iterator[tqd
         ascii=True,
     ) as bar:
         yield bar
-
-
-def run_identity(
-    *,
-    config: TrainConfig,
-    prompt_config: PromptCAMConfig,
-    spec: BackboneSpec,
-    rank: str,
-    label_names: list[str],
-    transform: TransformConfig,
-    manifest: Mapping[str, Any],
-) -> dict[str, Any]:
-    """Everything that determines the trained tensors; a saved state resumes only if equal.
-
-    The schema's runtime keys of ``train`` (device, threads, ...) say where the run happens,
-    not what it computes: a run resumes on another device.
-    """
-    runtime = runtime_keys("train")
-    return {
-        "train_config": {
-            key: value for key, value in dataclasses.asdict(config).items() if key not in runtime
-        },
-        "model_config": dataclasses.asdict(prompt_config),
-        "backbone": {
-            **dataclasses.asdict(spec),
-            "weights_sha256": None if spec.weights is None else sha256_file(spec.weights),
-        },
-        "rank": rank,
-        "label_names": label_names,
-        "transform": dataclasses.asdict(transform),
-        "shards": [e["sha256"] for e in manifest["shards"] if e["split"] in ("train", "val")],
-    }
-
-
-def start_or_resume(
-    path: Path, fingerprint: str, model: PromptCAM, optimizer: torch.optim.Optimizer
-) -> tuple[int, list[dict[str, float]], dict[str, Any]]:
-    """(epochs done, metrics rows, best so far), restoring model and optimizer from ``path``."""
-    state = load_training_state(path, fingerprint)
-    if state is None:
-        return 0, [], {"epoch": 0, "val_top1": -1.0, "tensors": trainable_state(model)}
-    load_trainable(model, state["tensors"])
-    optimizer.load_state_dict(state["optimizer"])
-    return state["epoch"], state["history"], state["best"]
 
 
 def train_rank(

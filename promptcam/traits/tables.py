@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from promptcam.io import atomic_open, atomic_path
-from promptcam.traits.search import TraitSearch
+
+if TYPE_CHECKING:  # annotations only: readers of these files (figures) must not import torch
+    from promptcam.traits.search import TraitSearch
 
 
 def _nullable_int(values: np.ndarray) -> pd.arrays.IntegerArray:

@@ -1,6 +1,6 @@
 """Can each head of a demo backbone's last block point at each trait? One fixed query per head.
 
-    python benchmarks/head_reach.py [WEIGHTS]     # default: the shipped demo backbone
+    python research/head_reach.py [WEIGHTS]     # default: the shipped demo backbone
 
 Prompt-CAM's class prompt gives each head of the last block one query, the same for every
 image. For each head and each trait part (tail, dorsal fin, marking) this learns such a query
@@ -19,9 +19,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from promptcam.demo.organisms import DORSAL, MARKING, TAIL, DemoConfig
-from promptcam.demo.pretrain import last_block_tokens, normalise, part_shares
+from promptcam.demo.pretext import last_block_tokens, normalise, part_shares
 from promptcam.demo.probes import _fresh_demo_draw
+from promptcam.demo.taxa import DORSAL, MARKING, TAIL, DemoConfig
+from promptcam.model.backbone import backbone_from_spec
 from promptcam.model.spec import backbone_spec
 
 PARTS = {"tail": TAIL, "dorsal fin": DORSAL, "marking": MARKING}
@@ -37,7 +38,7 @@ def main() -> None:
     spec = backbone_spec({"name": "demo"})
     if args.weights:
         spec = dataclasses.replace(spec, weights=args.weights)
-    vit = spec.build().eval()
+    vit = backbone_from_spec(spec).eval()
     size, patch = vit.patch_embed.img_size[0], vit.patch_embed.patch_size[0]
     images, parts, _ = _fresh_demo_draw(DemoConfig(image_size=size), size, 40, seed=77)
     block = vit.blocks[-1]

@@ -1,6 +1,6 @@
 """Training gradients on a GPU against fp32 on the CPU, for a trained checkpoint.
 
-    python benchmarks/gpu_grad_check.py CKPT SHARDS RANK
+    python research/gpu_grad_check.py CKPT SHARDS RANK
 
 Compares the gradients of every trainable tensor (one batch of training images, the
 checkpoint's prompts) under bf16 autocast and in fp32 on the GPU, with each SDPA backend, to

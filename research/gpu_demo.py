@@ -1,8 +1,8 @@
 """The default demo, every rank, on a GPU: the pipeline's library calls without Snakemake.
 
-    python benchmarks/gpu_demo.py [--out DIR] [--ranks family,genus,species]
-    python benchmarks/gpu_demo.py --ranks species --seeds 0,1,2,3 --train '{"epochs": 20}'
-    python benchmarks/gpu_demo.py --ranks species --demo '{"species_per_genus": 6}'
+    python research/gpu_demo.py [--out DIR] [--ranks family,genus,species]
+    python research/gpu_demo.py --ranks species --seeds 0,1,2,3 --train '{"epochs": 20}'
+    python research/gpu_demo.py --ranks species --demo '{"species_per_genus": 6}'
 
 Generates the demo of ``config/config.yaml``, writes its metadata and shards, then per rank
 trains Prompt-CAM (bf16 autocast, fused attention), evaluates it on the test split and runs

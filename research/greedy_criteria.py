@@ -1,6 +1,6 @@
 """Would another greedy criterion keep heads that point at the rank's trait? Four, compared.
 
-    python benchmarks/greedy_criteria.py [--results results] [RANK ...]
+    python research/greedy_criteria.py [--results results] [RANK ...]
 
 Every criterion runs the full greedy elimination on the correctly classified test images of a
 trained rank, keeps the last ``--top-traits`` heads and scores them with the traits rule's

@@ -1,6 +1,6 @@
 """Which heads of a trained rank carry its classes, and which does the greedy search keep?
 
-    python benchmarks/head_information.py [--results results] [RANK ...]
+    python research/head_information.py [--results results] [RANK ...]
 
 For each head of the last block, the outputs of that head in every class prompt's row
 (C x d values per image, the only way a head can reach any score) are the features of a
