@@ -1,8 +1,9 @@
 """Snakemake adapter for rule prepare_metadata: see promptcam.data.metadata.prepare_metadata."""
 
+import json
 from pathlib import Path
 
-from promptcam.data.metadata import MetadataSpec, prepare_metadata
+from promptcam.data.metadata import IngestSettings, MetadataSpec, prepare_metadata
 from promptcam.data.splits import SplitConfig
 from promptcam.joblog import job_log
 
@@ -11,7 +12,7 @@ def main() -> None:
     params = snakemake.params
     with job_log(snakemake.log[0], "preparing the metadata"):
         prepare_metadata(
-            snakemake.input.table,
+            params.table,
             params.image_root,
             Path(snakemake.output.metadata).parent,
             MetadataSpec(
@@ -22,6 +23,8 @@ def main() -> None:
             ),
             SplitConfig(**params.splits),
             workers=snakemake.threads,
+            settings=IngestSettings.from_mapping(params.ingest),
+            provenance=json.loads(Path(snakemake.input.source).read_text()),
         )
 
 

@@ -1,21 +1,25 @@
-"""Snakemake adapter for rule write_shards: see promptcam.data.shards.write_shards."""
+"""Snakemake adapter for rule write_shards: see promptcam.data.shards.write_shards_accounted."""
 
 from pathlib import Path
 
-from promptcam.data.shards import ShardConfig, write_shards
+from promptcam.data.images import ImageSettings
+from promptcam.data.shards import ShardConfig, write_shards_accounted
 from promptcam.joblog import job_log
 
 
 def main() -> None:
     with job_log(snakemake.log[0], "writing the shards"):
-        write_shards(
+        write_shards_accounted(
             snakemake.input.metadata,
             Path(snakemake.input.labels[0]).parent,
             snakemake.params.image_root,
-            snakemake.output[0],
+            snakemake.output.shards,
             snakemake.params.levels,
             ShardConfig(**snakemake.params.shards),
+            ingest_path=snakemake.input.ingest,
+            counts_path=snakemake.output.counts,
             workers=snakemake.threads,
+            images=ImageSettings.from_mapping(snakemake.params.images),
         )
 
 

@@ -1,5 +1,6 @@
-# Data stage: metadata (or the demo generator) -> validated table, splits, label maps,
-# taxonomy -> WebDataset shards shared by every rank.
+# Data stage: metadata table, folder tree or the demo generator -> validated table, splits,
+# label maps, taxonomy -> WebDataset shards shared by every rank.
+include: "dataset.smk"
 
 
 rule generate_demo:
@@ -20,9 +21,11 @@ rule generate_demo:
         "../../scripts/generate_demo.py"
 
 
+# Writes results/data/problems.tsv too (every problem found), on purpose not an output:
+# Snakemake deletes a failed job's outputs, and that list matters most when validation fails.
 rule prepare_metadata:
     input:
-        table=source_table(),
+        unpack(source_inputs),
     output:
         metadata=data_path("metadata.parquet"),
         labels=[label_map(rank) for rank in levels()],
@@ -32,6 +35,12 @@ rule prepare_metadata:
             caption="../report/split_summary.rst",
             category="Data",
         ),
+        skipped=report(
+            data_path("skipped.tsv"),
+            caption="../report/skipped.rst",
+            category="Data",
+        ),
+        ingest=data_path("ingest.json"),
     log:
         log_path("data", "prepare_metadata"),
     benchmark:
@@ -40,23 +49,31 @@ rule prepare_metadata:
         "../../envs/data.yaml"
     threads: config["dataset"]["threads"]
     params:
+        table=source_table_param,
         image_root=image_root,
         levels=levels(),
         image_column=config["dataset"]["image_column"],
         split_column=config["dataset"]["split_column"],
         mask_column=config["dataset"]["mask_column"],
         splits=canonical(config["splits"]),
+        ingest=ingest_settings(),
     script:
         "../../scripts/prepare_metadata.py"
 
 
 rule write_shards:
     input:
-        table=source_table(),
+        unpack(source_inputs),
         metadata=data_path("metadata.parquet"),
         labels=[label_map(rank) for rank in levels()],
+        ingest=data_path("ingest.json"),
     output:
-        directory(shards_dir()),
+        shards=directory(shards_dir()),
+        counts=report(
+            data_path("ingest_counts.tsv"),
+            caption="../report/ingest_counts.rst",
+            category="Data",
+        ),
     log:
         log_path("data", "write_shards"),
     benchmark:
@@ -68,5 +85,6 @@ rule write_shards:
         image_root=image_root,
         levels=levels(),
         shards=rule_settings(config["shards"], "threads"),
+        images=ingest_settings()["images"],
     script:
         "../../scripts/write_shards.py"

@@ -1,0 +1,76 @@
+# The data source: checked and fingerprinted at start (promptcam.data.fingerprint), and the
+# inputs and settings the data rules take from it. Included by data.smk.
+from promptcam.data.fingerprint import (
+    SourceError,
+    check_source,
+    describe_source,
+    record_source,
+)
+from snakemake_interface_common.exceptions import WorkflowError
+
+
+def dataset_columns():
+    dataset = config["dataset"]
+    return {
+        "image": dataset["image_column"],
+        "split": dataset["split_column"],
+        "mask": dataset["mask_column"],
+    }
+
+
+def source_record():
+    """results/data/source.json: what the data came from (see promptcam.data.fingerprint)."""
+    return data_path("source.json")
+
+
+def sync_dataset_source():
+    """At start: fail on a missing table/image root (naming the config key), and rewrite
+    source.json when the dataset differs from the one the results were made from, so that
+    prepare_metadata (and all after it) reruns."""
+    dataset = config["dataset"]
+    try:
+        check_source(
+            dataset["kind"], dataset.get("metadata"), dataset.get("image_root")
+        )
+    except SourceError as error:
+        raise WorkflowError(str(error)) from None
+    description = describe_source(
+        dataset["kind"],
+        levels(),
+        dataset_columns(),
+        metadata=dataset.get("metadata"),
+        image_root=dataset.get("image_root"),
+        demo=rule_settings(config["demo"], "threads"),
+    )
+    record_source(source_record(), description)
+
+
+sync_dataset_source()
+
+
+def source_inputs(wildcards):
+    """The data source record, and the table unless the dataset is a folder tree."""
+    inputs = {"source": source_record()}
+    if config["dataset"]["kind"] != "folders":
+        inputs["table"] = source_table()
+    return inputs
+
+
+def source_table_param(wildcards, input):
+    """The table to read, or None to read the folder tree at the image root."""
+    return input.get("table")
+
+
+def ingest_settings():
+    """IngestSettings fields: what to do with bad images, and how they become RGB."""
+    dataset = config["dataset"]
+    return canonical(
+        {
+            "on_bad_image": dataset["on_bad_image"],
+            "images": {
+                "background": dataset["alpha_background"],
+                "sample_bits": dataset["sample_bits"],
+                "max_pixels": dataset["max_image_pixels"],
+            },
+        }
+    )
