@@ -4,11 +4,12 @@ The workflow describes its data source when it starts (:func:`describe_source`):
 the levels and columns, and for a table its resolved path and the SHA-256 of its bytes, for a
 folder tree its resolved root and the modification times of its folders (a folder's time
 changes whenever an entry is added, removed or renamed in it), for the demo its generator
-settings. :func:`record_source` writes that description to ``results/data/source.json`` only
-when its fingerprint differs from the recorded one; the file is an input of the first data
-rule, so a different dataset reruns everything after it, whatever the files' times and
-whether or not Snakemake's own records (``.snakemake/``) survive. Then ``ingest.json`` and
-the shards' manifest carry the fingerprint, so every result can be traced to its data.
+settings. The first data rule takes ``results/data/sources/<fingerprint>.json`` as input
+(written by :func:`record_source`): a different dataset has a different fingerprint, so a
+missing input, which reruns everything after it, whatever the files' times and whether or
+not Snakemake's own records (``.snakemake/``) survive. Nothing is written at start, so a dry
+run with another dataset changes nothing. ``ingest.json`` and the shards' manifest carry the
+description, so every result can be traced to its data.
 
 Images edited in place under an unchanged table are not noticed (hashing every image at each
 start would cost minutes): rerun with ``--forcerun prepare_metadata``.
@@ -99,17 +100,11 @@ def describe_source(
     return {**description, "fingerprint": hashlib.sha256(canonical).hexdigest()}
 
 
-def record_source(path: str | os.PathLike, description: dict[str, Any]) -> bool:
-    """Write ``description`` to ``path`` unless it already records the same fingerprint.
-
-    Returns True when written (the data source changed, or was never recorded).
-    """
+def record_source(path: str | os.PathLike, description: dict[str, Any]) -> Path:
+    """Write ``description`` to ``path`` and remove the records of other datasets beside it."""
     path = Path(path)
-    try:
-        recorded = json.loads(path.read_text()).get("fingerprint")
-    except (OSError, ValueError):
-        recorded = None
-    if recorded == description["fingerprint"]:
-        return False
     write_json(path, description)
-    return True
+    for other in path.parent.glob("*.json"):
+        if other.name != path.name:
+            other.unlink()
+    return path

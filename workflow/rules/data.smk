@@ -3,6 +3,19 @@
 include: "dataset.smk"
 
 
+rule record_source:
+    output:
+        source_record(),
+    log:
+        log_path("data", "record_source"),
+    conda:
+        "../../envs/data.yaml"
+    params:
+        description=DATASET_SOURCE,
+    script:
+        "../../scripts/record_source.py"
+
+
 rule generate_demo:
     output:
         table="results/demo/metadata.csv",

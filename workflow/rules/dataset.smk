@@ -1,11 +1,6 @@
 # The data source: checked and fingerprinted at start (promptcam.data.fingerprint), and the
 # inputs and settings the data rules take from it. Included by data.smk.
-from promptcam.data.fingerprint import (
-    SourceError,
-    check_source,
-    describe_source,
-    record_source,
-)
+from promptcam.data.fingerprint import SourceError, check_source, describe_source
 from snakemake_interface_common.exceptions import WorkflowError
 
 
@@ -18,15 +13,9 @@ def dataset_columns():
     }
 
 
-def source_record():
-    """results/data/source.json: what the data came from (see promptcam.data.fingerprint)."""
-    return data_path("source.json")
-
-
-def sync_dataset_source():
-    """At start: fail on a missing table/image root (naming the config key), and rewrite
-    source.json when the dataset differs from the one the results were made from, so that
-    prepare_metadata (and all after it) reruns."""
+def dataset_source():
+    """What the data comes from, with its fingerprint; a missing table or image root is an
+    error here, at start, naming the config key (not a silent reuse of old results)."""
     dataset = config["dataset"]
     try:
         check_source(
@@ -34,7 +23,7 @@ def sync_dataset_source():
         )
     except SourceError as error:
         raise WorkflowError(str(error)) from None
-    description = describe_source(
+    return describe_source(
         dataset["kind"],
         levels(),
         dataset_columns(),
@@ -42,10 +31,17 @@ def sync_dataset_source():
         image_root=dataset.get("image_root"),
         demo=rule_settings(config["demo"], "threads"),
     )
-    record_source(source_record(), description)
 
 
-sync_dataset_source()
+# Computed once per start: hashing a big table takes a moment.
+DATASET_SOURCE = dataset_source()
+
+
+def source_record():
+    """results/data/sources/<fingerprint>.json: its path changes with the dataset, so a
+    different dataset is a missing input that reruns prepare_metadata and all after it
+    (whatever the files' times, with or without Snakemake's records in .snakemake/)."""
+    return data_path("sources", f"{DATASET_SOURCE['fingerprint']}.json")
 
 
 def source_inputs(wildcards):
