@@ -242,12 +242,12 @@ def decode(
 ) -> Decoded:
     """The file as displayed, 8-bit RGB; ``draft``: a size the JPEG decoder may reduce to."""
     with open_image(path, settings.max_pixels) as image:
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
         if draft is not None:
             # JPEG only: decode at a reduced DCT scale that still covers ``draft``.
             image.draft("RGB", draft)
-        wide = _wide_rawmode(image)
+        wide = _wide_rawmode(image)  # before anything loads the image and drops its tiles
         image.load()
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
         max_16_bit = None
         if wide is not None:
             high = np.asarray(image).astype(np.int64)
