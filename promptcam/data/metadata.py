@@ -181,6 +181,7 @@ class Validated:
     table: pd.DataFrame
     skipped: list[Problem]
     rows_in: int
+    by_file: bool = False
 
 
 def validate_source(
@@ -204,12 +205,13 @@ def validate_source(
         )
         problems += files.problems
         _warn_low_bit_depth(files.low_bit_depth, settings.images)
+    by_file = source.locator.by_file
     if problems_path is not None:
-        write_problems(problems, problems_path)
+        write_problems(problems, problems_path, by_file)
     skippable = settings.on_bad_image == "skip"
     fatal = [p for p in problems if not (skippable and p.kind in SKIPPABLE_KINDS)]
     if fatal or (problems and not skippable):
-        raise MetadataError(source.name, problems, full_list=problems_path)
+        raise MetadataError(source.name, problems, full_list=problems_path, by_file=by_file)
     skipped_rows = {row for problem in problems for row in problem.rows}
     kept = source.table.drop(index=sorted(skipped_rows))
     if kept.empty:
@@ -224,12 +226,13 @@ def validate_source(
                 ),
             ],
             full_list=problems_path,
+            by_file=by_file,
         )
     if problems:
         LOGGER.warning(
             "skipped %d image(s) (on_bad_image: skip):\n%s", len(skipped_rows), summarise(problems)
         )
-    return Validated(kept, problems, rows_in=len(source.table))
+    return Validated(kept, problems, rows_in=len(source.table), by_file=by_file)
 
 
 def _warn_low_bit_depth(paths: list[str], settings: ImageSettings) -> None:
@@ -359,7 +362,7 @@ def prepare_metadata(
     validated = validate_source(
         source, spec, image_root, settings, workers, problems_path=out_dir / PROBLEMS_NAME
     )
-    write_skipped(validated.skipped, out_dir / SKIPPED_NAME)
+    write_skipped(validated.skipped, out_dir / SKIPPED_NAME, validated.by_file)
     table = prepared_table(validated.table, spec)
     parquet = write_prepared(table, out_dir, spec, split_config)
     counts = {

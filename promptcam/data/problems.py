@@ -9,6 +9,7 @@ all at once. Rows are 1-based data rows of the table (the header is not counted)
 from __future__ import annotations
 
 import os
+import posixpath
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -60,8 +61,11 @@ class Locator:
         indices = list(indices)
         more = f" (and {len(indices) - limit} more)" if len(indices) > limit else ""
         if self.by_file:
-            shown = ", ".join(repr(self.file(i)) for i in indices[:limit])
-            return f"files {shown}{more}"
+            # A folder tree's labels are folder names: name the folders, not every file.
+            folders = list(dict.fromkeys(posixpath.dirname(self.file(i)) for i in indices))
+            more = f" (and {len(folders) - limit} more)" if len(folders) > limit else ""
+            shown = ", ".join(repr(folder) for folder in folders[:limit])
+            return f"{len(indices)} file(s) in {shown}{more}"
         shown = ", ".join(str(i + 1) for i in indices[:limit])
         return f"rows {shown}{more}"
 
@@ -79,8 +83,10 @@ class MetadataError(ValueError):
         problems: Sequence[Problem],
         max_listed: int = LISTED_PER_KIND,
         full_list: str | os.PathLike | None = None,
+        by_file: bool = False,
     ) -> None:
         self.source = source
+        self.by_file = by_file
         self.problems = list(problems)
         self.counts = Counter(problem.kind for problem in self.problems)
         self.full_list = full_list
@@ -88,9 +94,10 @@ class MetadataError(ValueError):
 
     def _render(self, max_listed: int) -> str:
         overview = ", ".join(f"{n} {kind}" for kind, n in self.counts.items())
+        rows = "" if self.by_file else " Rows are 1-based data rows (the header is not counted)."
         lines = [
             f"{self.source}: {len(self.problems)} problem(s) in the dataset ({overview}); "
-            "nothing was processed. Rows are 1-based data rows (the header is not counted)."
+            f"nothing was processed.{rows}"
         ]
         for kind, count in self.counts.items():
             lines.append(f"[{kind}] {count}:")
@@ -114,23 +121,28 @@ def summarise(problems: Sequence[Problem], max_listed: int = 3) -> str:
     return "\n".join(lines)
 
 
-def _rows_cell(rows: tuple[int, ...]) -> str:
-    return ",".join(str(row + 1) for row in rows)
+def _rows_cell(rows: tuple[int, ...], by_file: bool) -> str:
+    return "" if by_file else ",".join(str(row + 1) for row in rows)
 
 
-def write_problems(problems: Sequence[Problem], path: str | os.PathLike) -> Path:
-    """problems.tsv: row (1-based, comma-separated when several), file, problem, detail, fix."""
+def write_problems(
+    problems: Sequence[Problem], path: str | os.PathLike, by_file: bool = False
+) -> Path:
+    """problems.tsv: row (1-based, comma-separated when several; empty for a folder tree,
+    which has no rows), file, problem, detail, fix."""
     frame = pd.DataFrame(
-        [(_rows_cell(p.rows), p.file, p.kind, p.detail, p.fix) for p in problems],
+        [(_rows_cell(p.rows, by_file), p.file, p.kind, p.detail, p.fix) for p in problems],
         columns=list(PROBLEM_COLUMNS),
     )
     return _write_tsv(frame, Path(path))
 
 
-def write_skipped(problems: Sequence[Problem], path: str | os.PathLike) -> Path:
-    """skipped.tsv: row, file, reason (one line per image left out)."""
+def write_skipped(
+    problems: Sequence[Problem], path: str | os.PathLike, by_file: bool = False
+) -> Path:
+    """skipped.tsv: row (empty for a folder tree), file, reason (one line per image left out)."""
     frame = pd.DataFrame(
-        [(_rows_cell(p.rows), p.file, f"{p.kind}: {p.detail}") for p in problems],
+        [(_rows_cell(p.rows, by_file), p.file, f"{p.kind}: {p.detail}") for p in problems],
         columns=list(SKIPPED_COLUMNS),
     )
     return _write_tsv(frame, Path(path))
