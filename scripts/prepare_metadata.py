@@ -1,6 +1,5 @@
 """Snakemake adapter for rule prepare_metadata: see promptcam.data.metadata.prepare_metadata."""
 
-import json
 from pathlib import Path
 
 from promptcam.data.metadata import IngestSettings, MetadataSpec, prepare_metadata
@@ -24,7 +23,7 @@ def main() -> None:
             SplitConfig(**params.splits),
             workers=snakemake.threads,
             settings=IngestSettings.from_mapping(params.ingest),
-            provenance=json.loads(Path(snakemake.input.source).read_text()),
+            provenance=params.dataset,
         )
 
 

@@ -4,12 +4,16 @@ The workflow describes its data source when it starts (:func:`describe_source`):
 the levels and columns, and for a table its resolved path and the SHA-256 of its bytes, for a
 folder tree its resolved root and the modification times of its folders (a folder's time
 changes whenever an entry is added, removed or renamed in it), for the demo its generator
-settings. The first data rule takes ``results/data/sources/<fingerprint>.json`` as input
-(written by :func:`record_source`): a different dataset has a different fingerprint, so a
-missing input, which reruns everything after it, whatever the files' times and whether or
-not Snakemake's own records (``.snakemake/``) survive. Nothing is written at start, so a dry
-run with another dataset changes nothing. ``ingest.json`` and the shards' manifest carry the
-description, so every result can be traced to its data.
+settings. Rule ``record_source`` writes it to ``results/data/sources/<fingerprint>.json``
+(:func:`record_source`), an input of the first data rule that ``rule all`` also requests;
+the description is that rule's parameter too. Another dataset has another fingerprint, so
+another path: with Snakemake's records (``.snakemake/``) the rule's input set and
+parameters change; without them (a copied results folder) ``rule all`` finds the record
+missing. Either way the data stage and everything after it rerun, even when the new table
+is older than the results. (A missing file is regenerated only when some job or target
+requests it, hence rule all.) Nothing is written at start, so a dry run with another
+dataset changes nothing. ``ingest.json`` and the shards' manifest carry the description,
+so every result can be traced to its data.
 
 Images edited in place under an unchanged table are not noticed (hashing every image at each
 start would cost minutes): rerun with ``--forcerun prepare_metadata``.

@@ -348,8 +348,9 @@ def prepare_metadata(
 ) -> Path:
     """Validate, split, and write every output listed in the module docstring.
 
-    ``table_path=None`` reads the folder tree at ``image_root``. ``provenance`` (e.g. the
-    workflow's dataset fingerprint) is recorded in ``ingest.json``. Returns the path of
+    ``table_path=None`` reads the folder tree at ``image_root``. ``provenance`` (the
+    workflow's description of the dataset, with its fingerprint: see
+    :mod:`promptcam.data.fingerprint`) is recorded in ``ingest.json``. Returns the path of
     ``metadata.parquet``.
     """
     out_dir = Path(out_dir)

@@ -36,6 +36,7 @@ rule generate_demo:
 
 # Writes results/data/problems.tsv too (every problem found), on purpose not an output:
 # Snakemake deletes a failed job's outputs, and that list matters most when validation fails.
+# A different dataset reruns this rule (and all after it): see promptcam.data.fingerprint.
 rule prepare_metadata:
     input:
         unpack(source_inputs),
@@ -70,6 +71,7 @@ rule prepare_metadata:
         mask_column=config["dataset"]["mask_column"],
         splits=canonical(config["splits"]),
         ingest=ingest_settings(),
+        dataset=DATASET_SOURCE,
     script:
         "../../scripts/prepare_metadata.py"
 

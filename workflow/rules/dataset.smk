@@ -38,9 +38,12 @@ DATASET_SOURCE = dataset_source()
 
 
 def source_record():
-    """results/data/sources/<fingerprint>.json: its path changes with the dataset, so a
-    different dataset is a missing input that reruns prepare_metadata and all after it
-    (whatever the files' times, with or without Snakemake's records in .snakemake/)."""
+    """results/data/sources/<fingerprint>.json, written by the record_source job. It is an
+    input of prepare_metadata and part of the data contract (so the default target needs it).
+    Another dataset has another path. With Snakemake's records the input set of
+    prepare_metadata changes; without them (a copied results folder) the default target finds
+    the record missing. Either way the data stage and all after it rerun, even when the new
+    table is older than the results."""
     return data_path("sources", f"{DATASET_SOURCE['fingerprint']}.json")
 
 
