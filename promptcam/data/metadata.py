@@ -284,7 +284,12 @@ def load_metadata(
 def label_map(table: pd.DataFrame, levels: Sequence[str], rank: str) -> pd.DataFrame:
     """Classes of ``rank`` with a stable index (sorted names), parent and image counts."""
     position = list(levels).index(rank)
-    counts = pd.crosstab(table[rank], table["split"]).reindex(columns=list(SPLITS), fill_value=0)
+    counts = (
+        table.groupby([rank, "split"], observed=True)
+        .size()
+        .unstack(fill_value=0)
+        .reindex(columns=list(SPLITS), fill_value=0)
+    )
     labels = pd.DataFrame({"name": sorted(table[rank].unique())})
     labels.insert(0, "index", range(len(labels)))
     if position > 0:

@@ -21,12 +21,13 @@ Rules (applied to every rank's labels, for tables and folder trees alike):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
-# Cell values that mean "no label" (compared after casefold()). Extend here, nowhere else.
+# Cell values that mean "no label" (compared in lower case). Extend here, nowhere else.
 PLACEHOLDER_LABELS = frozenset(
     {
         "",
@@ -61,19 +62,33 @@ WHITESPACE_RUN = r"\s+"
 SPELLING_NOISE = r"[\s_]+"
 
 
-def normalise_labels(labels: pd.Series) -> pd.Series:
-    """Strip and collapse every inner whitespace run to one space (vectorised)."""
+def on_distinct(
+    values: pd.Series, function: Callable[[pd.Series], pd.Series], dtype: Any = None
+) -> pd.Series:
+    """``function`` applied to the distinct values only, mapped back to every row (as
+    ``dtype``, by default the values' own).
+
+    A rank has far fewer distinct labels than rows (a million images, ten thousand species),
+    and regular expressions on text run in Python, not Arrow.
+    """
+    codes, distinct = pd.factorize(values, use_na_sentinel=False)
+    done = function(pd.Series(distinct, dtype=values.dtype)).to_numpy(dtype=object)
+    return pd.Series(done[codes], index=values.index, dtype=dtype or values.dtype)
+
+
+def _collapse_whitespace(labels: pd.Series) -> pd.Series:
     return labels.str.replace(WHITESPACE_RUN, " ", regex=True).str.strip()
+
+
+def normalise_labels(labels: pd.Series) -> pd.Series:
+    """Strip and collapse every inner whitespace run to one space."""
+    return on_distinct(labels, _collapse_whitespace)
 
 
 def placeholder_mask(labels: pd.Series) -> pd.Series:
     """True where a (normalised) label is empty or a placeholder for a missing value."""
-    return labels.str.casefold().isin(PLACEHOLDER_LABELS)
-
-
-def spelling_key(label: str) -> str:
-    """What two spellings of one name share: no case, no whitespace, no underscores."""
-    return pd.Series([label]).str.casefold().str.replace(SPELLING_NOISE, "", regex=True).iloc[0]
+    # lower() runs in Arrow; the placeholders are ASCII, so it matches casefold() on them.
+    return labels.str.lower().isin(PLACEHOLDER_LABELS)
 
 
 @dataclass(frozen=True)
@@ -127,7 +142,8 @@ def qualify_epithets(table: pd.DataFrame, levels: Sequence[str]) -> int:
     if pair is None:
         return 0
     genus, species = pair
-    epithet = table[species].str.fullmatch(r"[a-z][^\s]*") & ~placeholder_mask(table[species])
+    one_word = on_distinct(table[species], lambda labels: labels.str.fullmatch(r"[a-z]\S*"), bool)
+    epithet = one_word & ~placeholder_mask(table[species])
     has_genus = ~placeholder_mask(table[genus])
     change = (epithet & has_genus).fillna(False).astype(bool)
     if change.any():

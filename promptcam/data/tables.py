@@ -83,7 +83,8 @@ def read_table(path: str | os.PathLike, expected_columns: Sequence[str] = ()) ->
         delimiter = detect_delimiter(text[:SNIFF_BYTES], expected_columns, suffix)
         table = _read_text(Path(path), text, delimiter)
     table.columns = [str(column).strip() for column in table.columns]
-    table = table.apply(lambda column: column.str.strip())
+    for column in table.columns:  # column by column: apply() would turn text into objects
+        table[column] = table[column].str.strip()
     return table[(table != "").any(axis=1)]
 
 
