@@ -3,11 +3,13 @@
 include: "dataset.smk"
 
 
+# A few bytes: never worth a cluster job.
 rule record_source:
     output:
         source_record(),
     log:
         log_path("data", "record_source"),
+    localrule: True
     conda:
         "../../envs/data.yaml"
     params:
