@@ -8,8 +8,9 @@ import pandas as pd
 import pytest
 from ingest_corpus import make_dataset, save_csv
 
-from promptcam.data.metadata import MetadataSpec, load_metadata
+from promptcam.data.metadata import MetadataSpec, load_metadata, prepare_metadata
 from promptcam.data.problems import MetadataError
+from promptcam.data.splits import SplitConfig
 from promptcam.data.tables import read_table
 
 EXPECTED = ["image", "family", "genus", "species"]
@@ -139,3 +140,20 @@ def test_missing_column_hints_at_a_case_mismatch(tmp_path, dataset):
     dataset = dataset.rename(columns={"species": "Species"})
     with pytest.raises(MetadataError, match="there is 'Species': column names are case-sensitive"):
         loaded(save_csv(dataset, tmp_path / "metadata.csv"), tmp_path)
+
+
+def test_unreadable_tables_are_listed_in_problems_tsv_too(tmp_path, dataset):
+    path = tmp_path / "metadata.csv"
+    path.write_bytes(dataset.to_csv(index=False).replace("Canis", "Cañis").encode("cp1252"))
+    out = tmp_path / "out"
+    with pytest.raises(MetadataError, match=r"problems\.tsv"):
+        prepare_metadata(path, tmp_path, out, MetadataSpec(), SplitConfig())
+    listed = pd.read_csv(out / "problems.tsv", sep="\t", dtype=str)
+    assert listed["problem"].tolist() == ["not UTF-8"]
+    assert "byte 0xF1 at line 14" in listed.loc[0, "detail"]
+
+
+def test_empty_file_is_a_clear_problem(tmp_path):
+    (tmp_path / "metadata.csv").write_text("\n")
+    with pytest.raises(MetadataError, match=r"metadata\.csv is empty"):
+        read_table(tmp_path / "metadata.csv")

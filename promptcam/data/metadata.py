@@ -360,7 +360,11 @@ def prepare_metadata(
     """
     out_dir = Path(out_dir)
     settings = settings or IngestSettings()
-    source = read_source(table_path, image_root, spec)
+    try:
+        source = read_source(table_path, image_root, spec)
+    except MetadataError as error:  # unreadable text, malformed lines: listed in the TSV too
+        full_list = write_problems(error.problems, out_dir / PROBLEMS_NAME)
+        raise MetadataError(error.source, error.problems, full_list=full_list) from None
     if source.ignored:
         LOGGER.info(
             "ignored %d hidden or system file(s), e.g. %s", len(source.ignored), source.ignored[0]

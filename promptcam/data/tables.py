@@ -166,6 +166,10 @@ def detect_delimiter(sample: bytes, expected_columns: Sequence[str], suffix: str
 
 
 def _read_text(path: Path, text: bytes, delimiter: str) -> pd.DataFrame:
+    if not text.strip():
+        raise MetadataError(
+            path.name, [Problem("empty table", f"{path} is empty", "add a header and rows")]
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", pd.errors.ParserWarning)
         table = pd.read_csv(
