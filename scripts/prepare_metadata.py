@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from promptcam.config import settings_from_config
-from promptcam.data.metadata import MetadataSpec, prepare_metadata
+from promptcam.data.metadata import IngestSettings, MetadataSpec, prepare_metadata
 from promptcam.data.splits import SplitConfig
 from promptcam.joblog import job_log
 
@@ -12,7 +12,7 @@ def main() -> None:
     params = snakemake.params
     with job_log(snakemake.log[0], "preparing the metadata"):
         prepare_metadata(
-            snakemake.input.table,
+            params.table,
             params.image_root,
             Path(snakemake.output.metadata).parent,
             MetadataSpec(
@@ -23,6 +23,8 @@ def main() -> None:
             ),
             settings_from_config(SplitConfig, params.splits, "splits"),
             workers=snakemake.threads,
+            settings=IngestSettings.from_mapping(params.ingest),
+            provenance=params.dataset,
         )
 
 

@@ -5,40 +5,50 @@ Layout of ``out_dir``:
 - ``{split}-{NNNNNN}.tar`` (NNNNNN counts from 000000 within each split): at most
   ``max_samples_per_shard`` samples, in ``sample_id`` order. The id is a hash of the path, so
   this order is a fixed pseudo-random mix of classes, which a small shuffle buffer needs.
-  Each sample ``<sample_id>`` has members ``<sample_id>.jpg`` (EXIF orientation applied, RGB,
-  short side resized to ``short_side`` if larger, never enlarged), ``<sample_id>.json``
-  (``sample_id``, ``split``, ``path``, ``mask_path``, ``labels`` ``{rank: name}``, ``indices``
-  ``{rank: index in labels/{rank}.tsv}``) and, when masks are given, ``<sample_id>.mask.png``
-  (the mask's values unchanged, resized with NEAREST to the stored image's size).
-- ``manifest.json``: the levels, the shard settings, one entry per shard (``file``,
-  ``split``, ``n_samples``, ``class_counts`` at the finest rank, ``sha256``) and totals per
-  split (``n_samples``, ``n_shards``).
+  Each sample ``<sample_id>`` has members ``<sample_id>.jpg`` (the picture as displayed, 8-bit
+  RGB: see :mod:`promptcam.data.images` for every mode's conversion; short side resized to
+  ``short_side`` if larger, never enlarged), ``<sample_id>.json`` (``sample_id``, ``split``,
+  ``path``, ``mask_path``, ``labels`` ``{rank: name}``, ``indices`` ``{rank: index in
+  labels/{rank}.tsv}``) and, when masks are given, ``<sample_id>.mask.png`` (the mask's values
+  unchanged, resized with NEAREST to the stored image's size).
+- ``manifest.json``: the levels, the shard and image settings, the dataset it came from, one
+  entry per shard (``file``, ``split``, ``n_samples``, ``class_counts`` at the finest rank,
+  ``sha256``) and totals per split (``n_samples``, ``n_shards``).
 
 Shards are byte-for-byte reproducible whatever the number of workers: samples are encoded in
 parallel but written in a fixed order by one process, tar headers carry fixed metadata
 (mtime 0, uid/gid 0, no user names, mode 0444), and the JPEG/PNG encoders are deterministic.
+
+Resuming: each shard is written atomically into ``<out_dir>.partial/`` with a record of its
+checksum and of everything it was made from (samples, labels, settings, the files' sizes and
+modification times). A rerun after a crash (or a failed job, whose outputs Snakemake
+deletes) reuses every finished shard whose record, checksum and inputs still match, and
+writes only the rest; the result is byte-identical to an uninterrupted run. When all shards
+are done they move into ``out_dir`` and the partial folder is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import logging
 import multiprocessing
 import os
 import re
+import shutil
 import tarfile
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
 
+from promptcam.data.images import ImageSettings, load_image, load_mask, resized_size
 from promptcam.data.metadata import read_label_map
 from promptcam.data.splits import SPLITS
 from promptcam.io import atomic_path, sha256_file, write_json
@@ -48,6 +58,12 @@ LOGGER = logging.getLogger(__name__)
 SHARD_PATTERN = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "promptcam-shards/1"
+PARTIAL_SUFFIX = ".partial"
+RECORD_SUFFIX = ".done.json"
+# Shards encoded ahead of the one being written (keeps every worker busy at shard ends).
+SHARDS_IN_FLIGHT = 2
+
+__all__ = ["ShardConfig", "load_image", "load_mask", "resized_size", "write_shards"]
 
 
 @dataclass(frozen=True)
@@ -82,42 +98,12 @@ class ShardPlan:
     rows: pd.DataFrame
 
 
-def resized_size(size: tuple[int, int], short_side: int) -> tuple[int, int]:
-    """``size`` scaled so its short side is ``short_side``; unchanged if already smaller."""
-    width, height = size
-    scale = short_side / min(width, height)
-    if scale >= 1:
-        return size
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def load_image(path: str | os.PathLike, short_side: int) -> Image.Image:
-    """The image as displayed (EXIF orientation applied), RGB, short side at most ``short_side``."""
-    with Image.open(path) as image:
-        # JPEG only: decode at a reduced DCT scale that still covers the target (much faster
-        # for large photos). The request is square, so it holds whatever the orientation.
-        image.draft("RGB", (short_side, short_side))
-        image = ImageOps.exif_transpose(image).convert("RGB")
-    size = resized_size(image.size, short_side)
-    if size == image.size:
-        return image
-    return image.resize(size, Image.Resampling.BICUBIC)
-
-
-def load_mask(path: str | os.PathLike, size: tuple[int, int]) -> Image.Image:
-    """The mask's raw values as an 8-bit image of ``size`` (NEAREST keeps bit values intact)."""
-    with Image.open(path) as mask:
-        mask = ImageOps.exif_transpose(mask)
-        values = Image.fromarray(np.asarray(mask).astype(np.uint8))  # 2-D uint8: mode L
-    if values.size == size:
-        return values
-    return values.resize(size, Image.Resampling.NEAREST)
-
-
-def encode_sample(job: SampleJob, config: ShardConfig) -> list[tuple[str, bytes]]:
+def encode_sample(
+    job: SampleJob, config: ShardConfig, images: ImageSettings
+) -> list[tuple[str, bytes]]:
     """Tar members (name, bytes) of one sample, in a fixed order."""
     try:
-        image = load_image(job.image_path, config.short_side)
+        image = load_image(job.image_path, config.short_side, images)
         jpeg = io.BytesIO()
         image.save(jpeg, format="JPEG", quality=config.jpeg_quality, optimize=False)
         members = [
@@ -129,8 +115,13 @@ def encode_sample(job: SampleJob, config: ShardConfig) -> list[tuple[str, bytes]
             load_mask(job.mask_path, image.size).save(png, format="PNG", compress_level=6)
             members.append((f"{job.key}.mask.png", png.getvalue()))
     except Exception as error:
-        # Worker tracebacks lose the sample; name it so the user can fix or drop the file.
-        raise RuntimeError(f"cannot encode {job.image_path} (sample {job.key}): {error}") from error
+        # Worker tracebacks lose the sample; name it. Validation decoded this file with the
+        # same decoder, so it changed since: validate again.
+        raise RuntimeError(
+            f"cannot encode {job.image_path} (sample {job.key}): {error}. It passed validation, "
+            "so the file changed since; rerun the validation (snakemake --forcerun "
+            "prepare_metadata)"
+        ) from error
     return members
 
 
@@ -183,16 +174,59 @@ def sample_jobs(
     return jobs
 
 
-def _encoded(
-    jobs: list[SampleJob], config: ShardConfig, workers: int
-) -> Iterator[list[tuple[str, bytes]]]:
-    encode = functools.partial(encode_sample, config=config)
+def _file_state(path: str | None) -> list[int] | None:
+    if path is None:
+        return None
+    stat = os.stat(path)
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def shard_fingerprint(jobs: list[SampleJob], settings: dict[str, Any]) -> str:
+    """What a shard's bytes depend on: its samples, their files' size and mtime, the settings."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8"))
+    for job in jobs:
+        state = [job.header, _file_state(job.image_path), _file_state(job.mask_path)]
+        digest.update(json.dumps(state, sort_keys=True).encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _record_path(partial: Path, file: str) -> Path:
+    return partial / f"{file}{RECORD_SUFFIX}"
+
+
+def _finished(partial: Path, file: str, fingerprint: str) -> str | None:
+    """The checksum of a finished shard in ``partial`` that may be reused, else None."""
+    record_path, tar = _record_path(partial, file), partial / file
+    if not (record_path.is_file() and tar.is_file()):
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("fingerprint") != fingerprint or record.get("sha256") != sha256_file(tar):
+        return None
+    return record["sha256"]
+
+
+def _encoded_shards(
+    pending: list[list[SampleJob]], encode: functools.partial, workers: int
+) -> Iterator[list[list[tuple[str, bytes]]]]:
+    """Each pending shard's samples encoded, in order, a few shards ahead of the caller."""
     if workers <= 1:
-        yield from map(encode, jobs)
+        for jobs in pending:
+            yield [encode(job) for job in jobs]
         return
     # fork, not spawn: spawn re-runs __main__, which for a Snakemake script is the whole job.
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(encode, jobs, chunksize=max(1, min(32, len(jobs) // (4 * workers))))
+        in_flight: deque[Iterator[list[tuple[str, bytes]]]] = deque()
+        queued = iter(pending)
+        for jobs in queued:
+            chunk = max(1, min(32, len(jobs) // (4 * workers)))
+            in_flight.append(pool.imap(encode, jobs, chunksize=chunk))
+            if len(in_flight) >= SHARDS_IN_FLIGHT:
+                yield list(in_flight.popleft())
+        while in_flight:
+            yield list(in_flight.popleft())
 
 
 def _remove_stale_shards(out_dir: Path, plans: list[ShardPlan]) -> None:
@@ -203,6 +237,16 @@ def _remove_stale_shards(out_dir: Path, plans: list[ShardPlan]) -> None:
             path.unlink()
 
 
+def _entry(plan: ShardPlan, finest: str, sha256: str) -> dict[str, Any]:
+    return {
+        "file": plan.file,
+        "split": plan.split,
+        "n_samples": len(plan.rows),
+        "class_counts": plan.rows[finest].value_counts().sort_index().to_dict(),
+        "sha256": sha256,
+    }
+
+
 def write_shards(
     metadata_path: str | os.PathLike,
     labels_dir: str | os.PathLike,
@@ -211,11 +255,20 @@ def write_shards(
     levels: Sequence[str],
     config: ShardConfig,
     workers: int = 1,
+    images: ImageSettings | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
-    """Write all shards and the manifest for a prepared metadata table; return the manifest path."""
+    """Write all shards and the manifest for a prepared metadata table; return the manifest path.
+
+    Resumes an interrupted run (see the module docstring). ``provenance`` (the workflow's
+    dataset fingerprint) is recorded in the manifest.
+    """
+    images = images or ImageSettings()
     table = pd.read_parquet(metadata_path)
     out_dir = Path(out_dir)
+    partial = out_dir.with_name(out_dir.name + PARTIAL_SUFFIX)
     out_dir.mkdir(parents=True, exist_ok=True)
+    partial.mkdir(parents=True, exist_ok=True)
     indices = {
         rank: dict(zip(labels["name"], labels["index"].astype(int), strict=True))
         for rank in levels
@@ -223,28 +276,47 @@ def write_shards(
     }
     plans = plan_shards(table, config.max_samples_per_shard)
     _remove_stale_shards(out_dir, plans)
-    jobs = sample_jobs(pd.concat([plan.rows for plan in plans]), levels, indices, Path(image_root))
-    entries = []
+    settings = {"format": MANIFEST_FORMAT, "config": asdict(config), "images": asdict(images)}
+    checksums: dict[str, str] = {}
+    pending: list[tuple[ShardPlan, list[SampleJob], str]] = []
+    for plan in plans:
+        jobs = sample_jobs(plan.rows, levels, indices, Path(image_root))
+        fingerprint = shard_fingerprint(jobs, settings)
+        if (sha256 := _finished(partial, plan.file, fingerprint)) is not None:
+            checksums[plan.file] = sha256
+        else:
+            pending.append((plan, jobs, fingerprint))
+    if checksums:
+        LOGGER.info(
+            "resuming: %d of %d shard(s) finished earlier and unchanged, %d to write",
+            len(checksums),
+            len(plans),
+            len(pending),
+        )
+    encode = functools.partial(encode_sample, config=config, images=images)
     # closing() ends the worker pool as soon as the last shard is written.
-    with contextlib.closing(_encoded(jobs, config, workers)) as encoded:
-        for plan in plans:
-            members = (member for _ in range(len(plan.rows)) for member in next(encoded))
-            write_tar(out_dir / plan.file, members)
-            entries.append(
-                {
-                    "file": plan.file,
-                    "split": plan.split,
-                    "n_samples": len(plan.rows),
-                    "class_counts": plan.rows[levels[-1]].value_counts().sort_index().to_dict(),
-                    "sha256": sha256_file(out_dir / plan.file),
-                }
+    with contextlib.closing(
+        _encoded_shards([jobs for _, jobs, _ in pending], encode, workers)
+    ) as encoded:
+        for (plan, _, fingerprint), samples in zip(pending, encoded, strict=True):
+            write_tar(partial / plan.file, (member for sample in samples for member in sample))
+            checksums[plan.file] = sha256_file(partial / plan.file)
+            write_json(
+                _record_path(partial, plan.file),
+                {"fingerprint": fingerprint, "sha256": checksums[plan.file]},
             )
             LOGGER.info("wrote %s (%d samples)", plan.file, len(plan.rows))
+    for plan in plans:
+        os.replace(partial / plan.file, out_dir / plan.file)
+    shutil.rmtree(partial)
+    entries = [_entry(plan, levels[-1], checksums[plan.file]) for plan in plans]
     manifest = {
         "format": MANIFEST_FORMAT,
         "levels": list(levels),
         "has_masks": "mask" in table.columns,
         "config": asdict(config),
+        "images": asdict(images),
+        "dataset": provenance or {},
         "shards": entries,
         "splits": {
             split: {
@@ -256,3 +328,66 @@ def write_shards(
     }
     write_json(out_dir / MANIFEST_NAME, manifest)
     return out_dir / MANIFEST_NAME
+
+
+def account_images(
+    ingest_path: str | os.PathLike, manifest_path: str | os.PathLike, out_tsv: str | os.PathLike
+) -> pd.DataFrame:
+    """Check that every image read is sharded or skipped; write the counts as a TSV.
+
+    Raises RuntimeError when images in != images sharded + images skipped (nothing may be
+    lost between validation and the shards).
+    """
+    ingest = json.loads(Path(ingest_path).read_text())
+    manifest = json.loads(Path(manifest_path).read_text())
+    sharded = {split: manifest["splits"][split]["n_samples"] for split in SPLITS}
+    total = sum(sharded.values())
+    balanced = ingest["rows_in"] == total + ingest["skipped"]
+    counts = pd.DataFrame(
+        [
+            ("images in", ingest["rows_in"]),
+            ("skipped (on_bad_image: skip; see skipped.tsv)", ingest["skipped"]),
+            ("sharded", total),
+            *[(f"sharded {split}", n) for split, n in sharded.items()],
+            ("hidden or system files ignored (folder trees)", ingest["ignored_files"]),
+            ("in = sharded + skipped", "yes" if balanced else "NO"),
+        ],
+        columns=["what", "count"],
+    )
+    with atomic_path(out_tsv) as tmp:
+        counts.to_csv(tmp, sep="\t", index=False)
+    message = f"images in {ingest['rows_in']} = sharded {total} + skipped {ingest['skipped']}"
+    if not balanced:
+        raise RuntimeError(f"images were lost: {message} does not hold")
+    LOGGER.info("%s: every image accounted for", message)
+    return counts
+
+
+def write_shards_accounted(
+    metadata_path: str | os.PathLike,
+    labels_dir: str | os.PathLike,
+    image_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    levels: Sequence[str],
+    config: ShardConfig,
+    ingest_path: str | os.PathLike,
+    counts_path: str | os.PathLike,
+    workers: int = 1,
+    images: ImageSettings | None = None,
+) -> Path:
+    """:func:`write_shards` for the table ``prepare_metadata`` wrote (its ``ingest.json``
+    gives the dataset fingerprint for the manifest), then :func:`account_images`."""
+    ingest = json.loads(Path(ingest_path).read_text())
+    manifest = write_shards(
+        metadata_path,
+        labels_dir,
+        image_root,
+        out_dir,
+        levels,
+        config,
+        workers=workers,
+        images=images,
+        provenance=ingest.get("dataset"),
+    )
+    account_images(ingest_path, manifest, counts_path)
+    return manifest

@@ -74,18 +74,27 @@ def _class_seed(seed: int, name: str) -> list[int]:
 
 def assign_splits(sample_ids: pd.Series, classes: pd.Series, config: SplitConfig) -> pd.Series:
     """Stratified split labels, aligned with ``sample_ids`` (one class label per sample)."""
-    assignment = pd.Series("", index=sample_ids.index, dtype=object)
-    frame = pd.DataFrame({"sample_id": sample_ids, "cls": classes})
-    for name, group in frame.groupby("cls", sort=True):
-        # Sorting by id first makes the result independent of the table's row order.
-        index = group.sort_values("sample_id").index.to_numpy()
-        index = np.random.default_rng(_class_seed(config.seed, str(name))).permutation(index)
-        counts = split_counts(len(index), config)
+    # One sort by (class, sample id) and slices per class: a million images in ten thousand
+    # classes take a second (a groupby with per-class assignments took minutes).
+    order = pd.DataFrame(
+        {"cls": classes.to_numpy(dtype=object), "sample_id": sample_ids.to_numpy(dtype=object)}
+    ).sort_values(["cls", "sample_id"], kind="stable")
+    positions = order.index.to_numpy()
+    names = order["cls"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]])
+    ends = np.r_[starts[1:], len(names)]
+    assignment = np.full(len(names), "", dtype=object)
+    for begin, end in zip(starts, ends, strict=True):
+        # Sorted by id first, so the result does not depend on the table's row order.
+        members = np.random.default_rng(_class_seed(config.seed, str(names[begin]))).permutation(
+            positions[begin:end]
+        )
+        counts = split_counts(len(members), config)
         start = 0
         for split in SPLITS:
-            assignment.loc[index[start : start + counts[split]]] = split
+            assignment[members[start : start + counts[split]]] = split
             start += counts[split]
-    return assignment
+    return pd.Series(assignment, index=sample_ids.index, dtype=object)
 
 
 def summarize_splits(

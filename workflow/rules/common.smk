@@ -69,6 +69,8 @@ def data_outputs():
         taxonomy_tree(),
         data_path("split_summary.tsv"),
         shards_dir(),
+        # Which dataset the results belong to (defined in dataset.smk).
+        source_record(),
     ]
 
 
