@@ -343,6 +343,8 @@ def settings_classes():
     from promptcam.evaluation.evaluate import EvalConfig
     from promptcam.evaluation.fidelity import FidelityConfig
     from promptcam.evaluation.linear_probe import LinearProbeConfig
+    from promptcam.figures import settings as figures
+    from promptcam.figures.style import FigureStyle
     from promptcam.training.settings import TrainConfig
     from promptcam.traits.run import TraitRunConfig
     from promptcam.traits.search import GreedyConfig
@@ -365,6 +367,12 @@ def settings_classes():
         (MetadataSpec, "dataset"),
         (BackboneSpec, "backbone"),
         (PretrainConfig, "pretrain"),
+        (FigureStyle, "figures.style"),
+        (figures.PanelSettings, "figures.panels"),
+        (figures.GallerySettings, "figures.gallery"),
+        (figures.CoarseToFineSettings, "figures.coarse_to_fine"),
+        (figures.TreeSettings, "figures.tree"),
+        (figures.CrossClassSettings, "figures.cross_class"),
     ]
 
 

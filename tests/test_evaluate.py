@@ -19,9 +19,9 @@ from promptcam.evaluation.evaluate import (
     confusion_matrix,
     evaluate_rank,
     per_class_accuracy,
-    write_confusion_tsv,
 )
 from promptcam.evaluation.linear_probe import LinearProbeConfig, fit_linear_probe
+from promptcam.evaluation.tables import read_confusion, write_confusion_tsv
 from promptcam.training.runtime import topk_accuracy
 from promptcam.training.train import train_rank
 
@@ -85,6 +85,9 @@ def test_report_and_confusion_tsv(tmp_path: Path) -> None:
     table = pd.read_csv(path, sep="\t", index_col=0)
     assert list(table.index) == NAMES and list(table.columns) == NAMES
     np.testing.assert_array_equal(table.to_numpy(), confusion)
+    read_back = read_confusion(path)
+    assert list(read_back.index) == NAMES and list(read_back.columns) == NAMES
+    np.testing.assert_array_equal(read_back.to_numpy(), confusion)
 
 
 def gaussian_blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -37,9 +37,10 @@ from promptcam.io import sha256_file
 from promptcam.model.checkpoint import load_checkpoint, trainable_state
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import BackboneSpec, PromptCAMConfig
+from promptcam.training.metrics import METRICS_COLUMNS, read_metrics
 from promptcam.training.runtime import autocast
 from promptcam.training.settings import TrainConfig
-from promptcam.training.state import METRICS_COLUMNS, STATE_FORMAT
+from promptcam.training.state import STATE_FORMAT
 from promptcam.training.steps import learning_rate, sample_classes
 from promptcam.training.train import train_rank
 
@@ -147,10 +148,6 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-
-
-def read_metrics(path: Path) -> pd.DataFrame:
-    return pd.read_csv(path, sep="\t")
 
 
 def test_schedule_matches_timm_cosine_at_epoch_boundaries() -> None:

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -34,7 +33,8 @@ from promptcam.data.reader import (
     split_size,
 )
 from promptcam.evaluation.linear_probe import LinearProbeConfig, run_linear_probe
-from promptcam.io import atomic_open, sha256_file, write_json
+from promptcam.evaluation.tables import write_confusion_tsv
+from promptcam.io import sha256_file, write_json
 from promptcam.model.checkpoint import load_checkpoint
 from promptcam.progress import ProgressLines
 from promptcam.training.runtime import collect_scores, mean_loss, resolve_device, topk_accuracy
@@ -68,15 +68,6 @@ def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
     correct = np.diag(confusion).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(totals > 0, correct / totals, np.nan)
-
-
-def write_confusion_tsv(
-    path: str | os.PathLike, confusion: np.ndarray, label_names: Sequence[str]
-) -> None:
-    frame = pd.DataFrame(confusion, index=list(label_names), columns=list(label_names))
-    frame.index.name = "true\\predicted"
-    with atomic_open(path, "w", newline="") as handle:
-        frame.to_csv(handle, sep="\t")
 
 
 def _json_float(value: float) -> float | None:

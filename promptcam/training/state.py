@@ -18,7 +18,7 @@ import torch
 
 from promptcam.config import runtime_keys
 from promptcam.data.reader import TransformConfig
-from promptcam.io import atomic_open, atomic_path, sha256_file
+from promptcam.io import atomic_path, sha256_file
 from promptcam.model.checkpoint import load_trainable, trainable_state
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import BackboneSpec, PromptCAMConfig
@@ -26,22 +26,7 @@ from promptcam.training.settings import TrainConfig
 
 LOGGER = logging.getLogger(__name__)
 
-METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "seconds")
-
 STATE_FORMAT = "promptcam-train-state/1"
-
-
-def write_metrics(path: Path, rows: list[dict[str, float]]) -> None:
-    # Rewritten whole from the history each epoch: atomic, and consistent after a resume.
-    with atomic_open(path, "w") as handle:
-        handle.write("\t".join(METRICS_COLUMNS) + "\n")
-        for row in rows:
-            handle.write("\t".join(_format_metric(row[column]) for column in METRICS_COLUMNS))
-            handle.write("\n")
-
-
-def _format_metric(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:

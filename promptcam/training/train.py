@@ -67,6 +67,7 @@ from promptcam.model.checkpoint import load_trainable, save_checkpoint, trainabl
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import Preprocessing, PromptCAMConfig, backbone_spec
 from promptcam.progress import ProgressLines
+from promptcam.training.metrics import write_metrics
 from promptcam.training.runtime import resolve_device, seed_everything
 from promptcam.training.settings import TrainConfig
 from promptcam.training.state import (
@@ -75,7 +76,6 @@ from promptcam.training.state import (
     run_identity,
     save_training_state,
     start_or_resume,
-    write_metrics,
 )
 from promptcam.training.steps import build_optimizer, train_one_epoch, validate
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -170,3 +173,159 @@ def write_trait_summary(
 def write_parquet(path: str | os.PathLike, table: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         table.to_parquet(tmp, index=False)
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+@dataclass(frozen=True)
+class TraitMaps:
+    """``trait_maps.npz`` without its maps: which image is which, and what the search kept.
+
+    The maps themselves (N, H, h, w) can be large; :meth:`read_maps` streams the rows asked
+    for, so that a figure of a few images never holds the whole array.
+    """
+
+    path: Path
+    image: np.ndarray
+    target: np.ndarray
+    kept: np.ndarray
+    kept_rank: np.ndarray
+    order: np.ndarray
+    label_names: np.ndarray
+    map_shape: tuple[int, ...]
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.kept.shape[1])
+
+    @property
+    def searched(self) -> np.ndarray:
+        """(N,) bool: the correctly classified images, which the greedy search explained."""
+        return self.order[:, 0] >= 0
+
+    def row_of(self) -> dict[str, int]:
+        """``{image id: row}``."""
+        return {str(image): row for row, image in enumerate(self.image)}
+
+    def kept_heads(self, row: int) -> list[int]:
+        """Row ``row``'s kept heads, most important first."""
+        heads = np.nonzero(self.kept[row])[0]
+        return [int(h) for h in heads[np.argsort(self.kept_rank[row, heads], kind="stable")]]
+
+    def read_maps(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The maps (len(rows), H, h, w) of ``rows``, in the order given."""
+        return read_npz_rows(self.path, "maps", rows)
+
+
+def _npy_header(stream: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Shape, Fortran order and dtype of the .npy stream, which is left at its data."""
+    major, _ = np.lib.format.read_magic(stream)
+    if major == 1:
+        return np.lib.format.read_array_header_1_0(stream)
+    return np.lib.format.read_array_header_2_0(stream)
+
+
+def read_npz_rows(
+    path: str | os.PathLike, name: str, rows: Sequence[int] | np.ndarray
+) -> np.ndarray:
+    """Rows of array ``name`` of an npz file, decompressed as a stream: memory holds only the
+    rows asked for (np.load would read the whole array)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    with zipfile.ZipFile(path) as archive, archive.open(f"{name}.npy") as stream:
+        shape, fortran, dtype = _npy_header(stream)
+        if fortran:
+            raise ValueError(f"{path}: {name} is stored in Fortran order")
+        if len(rows) and (rows.min() < 0 or rows.max() >= shape[0]):
+            raise IndexError(f"{path}: rows {rows.min()}..{rows.max()} of {shape[0]} in {name}")
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        wanted = np.unique(rows)
+        found: dict[int, np.ndarray] = {}
+        position = 0
+        for row in wanted:
+            skip = (int(row) - position) * row_bytes
+            while skip > 0:
+                skip -= len(stream.read(min(skip, 1 << 22)))
+            data = stream.read(row_bytes)
+            found[int(row)] = np.frombuffer(data, dtype=dtype).reshape(shape[1:])
+            position = int(row) + 1
+    out = np.empty((len(rows), *shape[1:]), dtype=dtype)
+    for index, row in enumerate(rows):
+        out[index] = found[int(row)]
+    return out
+
+
+def read_trait_maps(path: str | os.PathLike) -> TraitMaps:
+    """``trait_maps.npz`` (see :func:`write_trait_maps`), maps left on disk."""
+    with np.load(path) as data:
+        with zipfile.ZipFile(path) as archive, archive.open("maps.npy") as stream:
+            map_shape = tuple(_npy_header(stream)[0])
+        return TraitMaps(
+            path=Path(path),
+            image=data["image"].astype(str),
+            target=data["target"],
+            kept=data["kept"],
+            kept_rank=data["kept_rank"],
+            order=data["order"],
+            label_names=data["label_names"].astype(str),
+            map_shape=map_shape,
+        )
+
+
+def read_search_table(path: str | os.PathLike) -> pd.DataFrame:
+    """``traits.parquet`` (see :func:`search_table`)."""
+    return pd.read_parquet(path)
+
+
+@dataclass(frozen=True)
+class TraitSummary:
+    """``trait_summary.tsv`` and ``.npz``: per class and head, keep rate and mean map."""
+
+    table: pd.DataFrame
+    mean_maps: np.ndarray  # (C, H, h, w), NaN for a class without searched images
+    keep_rate: np.ndarray  # (C, H)
+    n_images: np.ndarray  # (C,)
+    label_names: np.ndarray  # (C,)
+
+
+def read_trait_summary(tsv_path: str | os.PathLike, npz_path: str | os.PathLike) -> TraitSummary:
+    """The per-class summary written by :func:`write_trait_summary`."""
+    table = pd.read_csv(tsv_path, sep="\t", na_values=["NA"], keep_default_na=False)
+    with np.load(npz_path) as data:
+        return TraitSummary(
+            table=table,
+            mean_maps=data["mean_maps"],
+            keep_rate=data["keep_rate"],
+            n_images=data["n_images"],
+            label_names=data["label_names"].astype(str),
+        )
+
+
+@dataclass(frozen=True)
+class CrossClass:
+    """``cross_class.tsv`` and ``.npz``: class B's prompt on class A's images, per pair."""
+
+    table: pd.DataFrame  # one row per pair, in the npz's order
+    cross_maps: np.ndarray  # (pairs, H, h, w): the prompt class's mean maps on A's images
+    own_maps: np.ndarray  # (pairs, H, h, w): A's own prompt on the same images
+    pairs: np.ndarray  # (pairs, 2) class indices (image class, prompt class)
+    label_names: np.ndarray
+
+
+def read_cross_class(tsv_path: str | os.PathLike, npz_path: str | os.PathLike) -> CrossClass:
+    """The cross-class files written by :func:`promptcam.traits.cross_class.write_cross_class`."""
+    table = pd.read_csv(tsv_path, sep="\t", na_values=["NA"], keep_default_na=False)
+    with np.load(npz_path) as data:
+        result = CrossClass(
+            table=table,
+            cross_maps=data["cross_maps"],
+            own_maps=data["own_maps"],
+            pairs=data["pairs"],
+            label_names=data["label_names"].astype(str),
+        )
+    if len(result.table) != len(result.pairs):
+        raise ValueError(
+            f"{tsv_path} has {len(result.table)} pairs, {npz_path} {len(result.pairs)}: "
+            "rerun the traits rule"
+        )
+    return result
