@@ -32,10 +32,8 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/traits.smk"
+include: "workflow/rules/figures.smk"
 
-
-# Later stages are included here, in pipeline order:
-# include: "workflow/rules/figures.smk"
 
 # Rerun triggers: Snakemake's default (mtime, params, input, software-env, code), on purpose.
 # - params: each rank's merged train settings are its train job's params, so editing one
@@ -51,8 +49,8 @@ include: "workflow/rules/traits.smk"
 
 rule all:
     default_target: True
-    # Later stages add their contract outputs below.
     input:
         data_outputs(),
         train_outputs(),
         trait_outputs(),
+        figure_outputs(),

@@ -19,6 +19,9 @@ from promptcam.config import schema_defaults, section_schema
 
 __all__ = ["COMMANDS", "main"]
 
+# promptcam.model.predict.DEFAULT_TOP_K, repeated: that module imports torch (a test checks).
+PREDICT_TOP_K = 5
+
 
 def _add_convert_reference_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -69,6 +72,20 @@ def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", type=Path, help="an image or a folder of images")
     parser.add_argument("--out", type=Path, required=True, help="output .npz")
     parser.add_argument("--batch-size", type=int, default=32)
+    maps = parser.add_mutually_exclusive_group()
+    maps.add_argument(
+        "--top-k",
+        type=int,
+        default=PREDICT_TOP_K,
+        help="keep the attention maps of each image's K highest-scoring classes, stored with "
+        "their class indices (default: %(default)s)",
+    )
+    maps.add_argument(
+        "--all-classes",
+        action="store_true",
+        help="keep every class's attention maps (H x C x patches per image: large for many "
+        "classes)",
+    )
     _add_checkpoint_runtime_arguments(parser)
 
 
@@ -82,6 +99,7 @@ def _run_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         backbone_weights=args.backbone_weights,
+        top_k=None if args.all_classes else args.top_k,
     )
     print(
         f"wrote {args.out}: scores, predicted class and attention maps of {count} image(s) "
@@ -90,12 +108,10 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
-    # The workflow's traits settings: one set of defaults (the config schema's).
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    """The greedy trait search's options (traits, explain), with the workflow's defaults (the
+    config schema's traits section)."""
     defaults, keys = schema_defaults("traits"), section_schema("traits")["properties"]
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("images", type=Path, help="an image or a folder of images")
-    parser.add_argument("--out", type=Path, required=True, help="output .parquet")
     parser.add_argument(
         "--stop",
         choices=keys["stop"]["enum"],
@@ -116,8 +132,18 @@ def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
         help="blocks before the last (always fp32); auto: bf16 on a GPU, fp32 on a CPU",
     )
     parser.add_argument(
-        "--batch-size", type=int, default=defaults["batch_size"], help="default: %(default)s"
+        "--batch-size",
+        type=int,
+        default=defaults["batch_size"],
+        help="images at a time (default: %(default)s)",
     )
+
+
+def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("images", type=Path, help="an image or a folder of images")
+    parser.add_argument("--out", type=Path, required=True, help="output .parquet")
+    _add_search_arguments(parser)
     _add_checkpoint_runtime_arguments(parser)
 
 
@@ -143,6 +169,63 @@ def _run_traits(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_explain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoints",
+        type=Path,
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="model.pt of one rank, or one per rank (any order: drawn coarse to fine)",
+    )
+    parser.add_argument("images", type=Path, help="an image or a folder of images")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    _add_search_arguments(parser)
+    parser.add_argument(
+        "--taxonomy",
+        type=Path,
+        default=None,
+        help="taxonomy.nwk (results/data/): orders the ranks and checks each predicted path",
+    )
+    parser.add_argument(
+        "--columns",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="figure width: one or two journal columns (default: %(default)s)",
+    )
+    parser.add_argument("--dpi", type=int, default=None, help="PNG resolution (default: 300)")
+    _add_checkpoint_runtime_arguments(parser)
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from promptcam.explain import ExplainSettings, explain_images
+    from promptcam.figures.style import FigureStyle
+    from promptcam.traits.search import GreedyConfig
+
+    style = FigureStyle() if args.dpi is None else FigureStyle(dpi=args.dpi)
+    settings = ExplainSettings(
+        greedy=GreedyConfig(stop=args.stop, top_traits=args.top_traits),
+        batch_size=args.batch_size,
+        encode_precision=args.encode_precision,
+        style=style,
+        columns=args.columns,
+    )
+    report = explain_images(
+        args.checkpoints,
+        args.images,
+        args.out,
+        settings,
+        device=args.device,
+        backbone_weights=args.backbone_weights,
+        taxonomy=args.taxonomy,
+    )
+    print(
+        f"wrote {report.table} and {len(report.figures)} figure files: {report.images} "
+        f"image(s) under {args.images} x {len(report.ranks)} rank(s) ({', '.join(report.ranks)})"
+    )
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         "convert-reference",
@@ -161,6 +244,13 @@ COMMANDS: tuple[Command, ...] = (
         "greedy head masking: each image's trait heads for its predicted class",
         _add_traits_arguments,
         _run_traits,
+    ),
+    Command(
+        "explain",
+        "figures and a table for new photos: predicted class, trait heads and their maps, "
+        "per rank and coarse to fine",
+        _add_explain_arguments,
+        _run_explain,
     ),
 )
 

@@ -25,6 +25,7 @@ def main() -> None:
             trait_maps=snakemake.input.maps,
             out_tsv=snakemake.output.table,
             out_counterfactual=snakemake.output.counterfactual,
+            out_curves=snakemake.output.curves,
             config=settings_from_config(FidelityConfig, settings, "traits.fidelity"),
         )
 

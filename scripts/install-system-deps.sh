@@ -8,8 +8,10 @@ set -euo pipefail
 
 # python3-venv: the README installs into a virtual environment (Debian's python3 refuses pip
 # outside one, PEP 668, and has no ensurepip without this package).
+# poppler-utils: pdffonts and pdfinfo, with which the tests check the figures' PDFs (fonts
+# embedded, no Type 3; page width = the journal column) and you can check yours.
 PKGS=(python3-venv libgl1 libglib2.0-0 libfontconfig1 libfreetype6 libdbus-1-3 libx11-6
-    libxext6 libxcb1 libpng16-16 fonts-dejavu-core)
+    libxext6 libxcb1 libpng16-16 fonts-dejavu-core poppler-utils)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 

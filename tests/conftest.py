@@ -136,3 +136,38 @@ def snakemake_run():
 def run_command():
     """run_in_own_group: run a command, killing its whole process group on a timeout."""
     return run_in_own_group
+
+
+TINY_PIPELINE_TIMEOUT_S = 900
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(repo_root, tmp_path_factory) -> SimpleNamespace:
+    """The whole pipeline (rule all) run once per session on tests/configs/pipeline_tiny.yaml
+    in a fresh working directory: ``workdir``, ``configfile``, ``stderr`` (Snakemake's console).
+
+    Shared by the end-to-end tests and the figure tests, which read its output files. While
+    developing, PROMPTCAM_TINY_RUN=DIR reuses a finished run of that config in DIR (then
+    ``stderr`` is empty); CI never sets it.
+    """
+    configfile = repo_root / "tests" / "configs" / "pipeline_tiny.yaml"
+    reuse = os.environ.get("PROMPTCAM_TINY_RUN")
+    if reuse:
+        return SimpleNamespace(workdir=Path(reuse), configfile=configfile, stderr="")
+    workdir = tmp_path_factory.mktemp("pipeline")
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2",
+           "--snakefile", str(repo_root / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(configfile)]  # fmt: skip
+    try:
+        proc = run_in_own_group(cmd, timeout=TINY_PIPELINE_TIMEOUT_S, cwd=workdir)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the tiny pipeline ran past {TINY_PIPELINE_TIMEOUT_S} s:\n{exc.stderr}")
+    if proc.returncode != 0:
+        logs = "\n".join(
+            f"--- {log.relative_to(workdir)}\n{log.read_text(errors='replace')[-3000:]}"
+            for log in sorted((workdir / "logs").rglob("*.log"))
+        )
+        pytest.fail(
+            f"the tiny pipeline failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}\n{logs}"
+        )
+    return SimpleNamespace(workdir=workdir, configfile=configfile, stderr=proc.stderr)

@@ -178,6 +178,17 @@ def test_predict_stores_the_predicted_class_and_says_what_it_wrote(tmp_path, che
         np.testing.assert_array_equal(result["predicted_index"], result["scores"].argmax(1))
         labels = result["label_names"]
         assert result["predicted"].tolist() == labels[result["predicted_index"]].tolist()
+        # 3 classes, --top-k 5 by default: every class's maps, in class order.
+        assert result["attention"].shape == (3, 4, 3, 16)
+        assert result["attention_classes"].tolist() == [[0, 1, 2]] * 3
+
+
+def test_predict_top_k_default_is_the_library_default():
+    # cli.py repeats the number so that --help does not import torch.
+    from promptcam.cli import PREDICT_TOP_K
+    from promptcam.model.predict import DEFAULT_TOP_K
+
+    assert PREDICT_TOP_K == DEFAULT_TOP_K
 
 
 def test_traits_says_what_it_wrote(tmp_path, checkpoint, images):

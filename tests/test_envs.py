@@ -78,10 +78,11 @@ def test_env_files_exist(repo_root):
         "data.yaml",
         "train.yaml",
         "traits.yaml",
+        "figures.yaml",
     }
 
 
-@pytest.mark.parametrize("name", ["data.yaml", "train.yaml", "traits.yaml"])
+@pytest.mark.parametrize("name", ["data.yaml", "train.yaml", "traits.yaml", "figures.yaml"])
 def test_env_agrees_with_pyproject(repo_root, name):
     env = env_packages(repo_root / "envs" / name)
     project = declared(repo_root)

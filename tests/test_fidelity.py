@@ -309,6 +309,7 @@ def test_fidelity_and_counterfactual(rank_outputs) -> None:
         trait_maps=rank_outputs["maps"],
         out_tsv=out / "fidelity.tsv",
         out_counterfactual=out / "counterfactual.json",
+        out_curves=out / "fidelity_curves.tsv",
         config=config,
     )
     written = pd.read_csv(out / "fidelity.tsv", sep="\t")
@@ -319,3 +320,54 @@ def test_fidelity_and_counterfactual(rank_outputs) -> None:
     report = json.loads((out / "counterfactual.json").read_text())
     assert report["region_patches"] == 2  # 10% of 16 patches, rounded
     assert report["n_images"] == 0 or 0 <= report["top_trait_flip_rate"] <= 1
+
+
+def test_fidelity_curves_are_the_mean_curves_of_the_aucs(rank_outputs) -> None:
+    from promptcam.evaluation.tables import (
+        FIDELITY_CURVE_COLUMNS,
+        fidelity_curve_aucs,
+        read_fidelity_curves,
+    )
+
+    out = rank_outputs["out"] / "curves"
+    config = FidelityConfig(steps=4, max_images=3, random_regions=2, batch_size=2)
+    table = run_rank_fidelity(
+        checkpoint=rank_outputs["checkpoint"],
+        shards_dir=rank_outputs["shards"],
+        rank="genus",
+        trait_maps=rank_outputs["maps"],
+        out_tsv=out / "fidelity.tsv",
+        out_counterfactual=out / "counterfactual.json",
+        out_curves=out / "fidelity_curves.tsv",
+        config=config,
+    )
+    curves = read_fidelity_curves(out / "fidelity_curves.tsv")
+    assert tuple(curves.columns) == FIDELITY_CURVE_COLUMNS
+    # Two batches (batch_size 2, 3 images); 16 patches, 4 steps: 5 points per curve.
+    assert len(curves) == len(table) * 2 * 5
+    assert (curves["n_images"] == 3).all()
+    for _, curve in curves.groupby(["method", "mode"]):
+        assert curve["step"].tolist() == list(range(5))
+        np.testing.assert_allclose(curve["fraction"], [0, 0.25, 0.5, 0.75, 1])
+        assert curve["probability"].between(0, 1).all()
+    aucs = fidelity_curve_aucs(curves).pivot(index="method", columns="mode", values="auc")
+    aucs = aucs.loc[table["method"]]
+    for mode in ("insertion", "deletion"):
+        np.testing.assert_allclose(aucs[mode], table[mode], rtol=0, atol=1e-9)
+        # auc() of the mean curve: the trapezoid rule is linear in the curve.
+        for method, expected in zip(table["method"], table[mode], strict=True):
+            curve = curves[(curves["method"] == method) & (curves["mode"] == mode)]
+            area = auc(curve["fraction"].to_numpy(), curve["probability"].to_numpy()[None])[0]
+            assert abs(area - expected) < 1e-9
+
+
+def test_fidelity_curves_file_is_checked(tmp_path) -> None:
+    from promptcam.evaluation.tables import read_fidelity_curves, write_fidelity_curves
+
+    bad = pd.DataFrame({"method": ["x"], "mode": ["insertion"]})
+    with pytest.raises(ValueError, match="no column"):
+        write_fidelity_curves(tmp_path / "c.tsv", bad)
+    assert not (tmp_path / "c.tsv").exists()
+    (tmp_path / "c.tsv").write_text("method\tmodel\tmode\tstep\tfraction\tprobability\n")
+    with pytest.raises(ValueError, match="rerun the fidelity rule"):
+        read_fidelity_curves(tmp_path / "c.tsv")

@@ -1,9 +1,10 @@
 """End-to-end: the whole pipeline (rule all) on a tiny demo through Snakemake, then reruns.
 
-One real run (tests/configs/pipeline_tiny.yaml, about 2-3 minutes on 2 CPU cores) is shared
-by the tests below, in any order: the contract files, the progress lines on the console and a
-dry run after editing one rank's settings and every runtime key only read it; the forced rerun
-of one rank works on its own copy.
+One real run (tests/configs/pipeline_tiny.yaml, about 2-3 minutes on 2 CPU cores) is shared by
+the tests below, in any order, and by the figure tests (conftest.tiny_pipeline): the contract
+files, the figures and the report, the progress lines on the console and a dry run after editing
+one rank's settings and every runtime key only read it; the forced rerun of one rank works on
+its own copy.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from figure_checks import assert_fonts_embedded_truetype, assert_png_shows_something, pdf_page_mm
 
 from promptcam.config import all_runtime_keys, config_section, validate_config
 from promptcam.data.metadata import read_label_map
@@ -31,6 +34,9 @@ N_CLASSES = {"family": 2, "genus": 4, "species": 8}
 N_IMAGES = 2 * 2 * 2 * 10  # pipeline_tiny: 2x2x2 species, 10 images each
 PER_RANK_JOBS = {"train", "evaluate", "traits", "localization", "fidelity"}
 TIMEOUT_S = 900
+TINY_EPOCHS = yaml.safe_load(
+    (Path(__file__).parent / "configs" / "pipeline_tiny.yaml").read_text()
+)["train"]["defaults"]["epochs"]
 
 
 def snakemake_cmd(
@@ -85,13 +91,10 @@ def mtimes(root: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(repo_root, tmp_path_factory, run_command):
-    """The whole pipeline, run once on pipeline_tiny in a fresh working directory; returns
+def tiny_run(tiny_pipeline):
+    """The session's one run of the whole pipeline on pipeline_tiny (conftest.tiny_pipeline):
     the directory, the config file and what Snakemake printed on the console (stderr)."""
-    workdir = tmp_path_factory.mktemp("pipeline")
-    configfile = repo_root / "tests" / "configs" / "pipeline_tiny.yaml"
-    proc = run(run_command, snakemake_cmd(repo_root, workdir, configfile), workdir)
-    return workdir, configfile, proc.stderr
+    return tiny_pipeline.workdir, tiny_pipeline.configfile, tiny_pipeline.stderr
 
 
 def is_share(value) -> bool:
@@ -134,7 +137,7 @@ def test_pipeline_writes_every_contract_file(tiny_run):
         assert model.config.num_classes == N_CLASSES[rank]
         assert model.config.layout == "scalable"
         metrics = pd.read_csv(out / "metrics.tsv", sep="\t")
-        assert metrics["epoch"].tolist() == [1, 2]
+        assert metrics["epoch"].tolist() == list(range(1, TINY_EPOCHS + 1))
         assert {"train_loss", "val_top1"} <= set(metrics)
         assert metrics["train_loss"].map(math.isfinite).all()
 
@@ -183,6 +186,55 @@ def test_pipeline_writes_every_contract_file(tiny_run):
     assert localized >= 1, "no rank had a correctly classified test image to localise"
 
 
+def figure_pairs(folder: Path) -> list[Path]:
+    """Stems of the figures in ``folder``, each written as PDF and PNG (asserted)."""
+    stems = sorted(path.with_suffix("") for path in folder.glob("*.pdf"))
+    assert stems, f"no figures in {folder}"
+    assert stems == sorted(path.with_suffix("") for path in folder.glob("*.png")), folder
+    return stems
+
+
+@pytest.mark.slow
+def test_pipeline_draws_every_figure_paper_ready_and_the_report_builds(
+    tiny_run, run_command, repo_root
+):
+    workdir, configfile, _ = tiny_run
+    results = workdir / "results"
+    config = validate_config(yaml.safe_load(configfile.read_text()))
+    widths = {config["figures"]["style"]["single_column_mm"],
+              config["figures"]["style"]["double_column_mm"]}  # fmt: skip
+    stems = []
+    for rank in RANKS:
+        figures = results / rank / "figures"
+        stems += figure_pairs(figures / "trait_panels")
+        stems += figure_pairs(figures / "gallery")
+        stems += [figures / "cross_class", figures / "confusion"]
+    stems += figure_pairs(results / "figures" / "coarse_to_fine")
+    stems += [results / "figures" / name for name in ("tree_rectangular", "tree_circular",
+              "accuracy", "training_curves", "fidelity_curves", "counterfactual",
+              "localization")]  # fmt: skip
+    for stem in stems:
+        pdf, png = stem.with_suffix(".pdf"), stem.with_suffix(".png")
+        assert_fonts_embedded_truetype(pdf)
+        width, height = pdf_page_mm(pdf)
+        assert any(abs(width - column) < 0.5 for column in widths), (pdf, width, widths)
+        assert height <= config["figures"]["style"]["max_height_mm"] + 0.5, (pdf, height)
+        assert_png_shows_something(png, config["figures"]["style"]["dpi"])
+
+    # The report collects every figure with its caption.
+    report = workdir / "report.zip"
+    cmd = snakemake_cmd(repo_root, workdir, configfile, "--report", str(report))
+    run(run_command, cmd, workdir)
+    with zipfile.ZipFile(report) as archive:
+        names = archive.namelist()
+        pages = archive.read(next(n for n in names if n.endswith("report.html"))).decode()
+    for stem in stems:
+        shown = stem.with_suffix(".png").relative_to(workdir).as_posix()
+        assert shown in pages, f"{shown} is not in the report"
+        assert any(n.endswith("/" + stem.with_suffix(".png").name) for n in names), shown
+    assert "Coarse to fine" in pages, "the coarse-to-fine caption is missing from the report"
+
+
 @pytest.mark.slow
 def test_long_jobs_report_progress_on_the_console(tiny_run):
     workdir, _, console = tiny_run
@@ -192,11 +244,11 @@ def test_long_jobs_report_progress_on_the_console(tiny_run):
         if re.match(r"\[(train|evaluate|traits|fidelity) ", line)
     ]
     for rank in RANKS:
-        # pipeline_tiny reports every epoch (train.progress_seconds 0) of its two.
-        for epoch in (1, 2):
+        # pipeline_tiny reports every epoch (train.progress_seconds 0).
+        for epoch in range(1, TINY_EPOCHS + 1):
             assert any(
                 re.fullmatch(
-                    rf"\[train {rank}\] epoch {epoch}/2 loss \d+\.\d+ val top-1 \d\.\d+ \(\d+ s\)",
+                    rf"\[train {rank}\] epoch {epoch}/{TINY_EPOCHS} loss \d+\.\d+ val top-1 \d\.\d+ \(\d+ s\)",
                     line,
                 )
                 for line in lines

@@ -146,7 +146,21 @@ def test_predict_cli_end_to_end(tmp_path: Path, converted: tuple[Path, dict]) ->
     (folder / "notes.txt").write_text("not an image")
 
     npz = tmp_path / "predictions.npz"
-    assert main(["predict", str(out), str(folder), "--out", str(npz), "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(out),
+                str(folder),
+                "--out",
+                str(npz),
+                "--batch-size",
+                "2",
+                "--all-classes",
+            ]
+        )
+        == 0
+    )
 
     with np.load(npz) as result:
         assert result["scores"].shape == (3, NUM_CLASSES)

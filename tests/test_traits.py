@@ -18,6 +18,7 @@ from promptcam.traits.cross_class import (
     cross_class_pairs,
     cross_class_table,
     siblings_from_metadata,
+    write_cross_class,
 )
 from promptcam.traits.naive import greedy_heads_naive
 from promptcam.traits.search import (
@@ -28,7 +29,7 @@ from promptcam.traits.search import (
     least_harmful,
     stop_search,
 )
-from promptcam.traits.tables import class_summary, search_table
+from promptcam.traits.tables import class_summary, read_cross_class, search_table
 
 torch.set_num_threads(1)
 
@@ -328,6 +329,62 @@ def test_cross_class_accumulator_means_prompt_b_on_images_of_a() -> None:
     table = cross_class_table(accumulator, ["x", "y"])
     assert table.loc[0, "n_images"] == 2
     assert table.loc[0, "probability_prompt_class"] == pytest.approx(0.5)
+
+
+def test_cross_class_keeps_each_pairs_most_typical_correct_image(tmp_path) -> None:
+    pairs = [(0, 1, "sibling"), (1, 0, "sibling"), (2, 0, "configured")]
+    accumulator = CrossClassAccumulator(pairs, num_heads=2, num_patches=3)
+    generator = torch.Generator().manual_seed(1)
+    first = torch.rand(3, 2, 3, 3, generator=generator)
+    second = torch.rand(2, 2, 3, 3, generator=generator)
+    # Log-probabilities, so that softmax gives these back. "c" (class 0, predicted 1) has the
+    # highest p(0) of the first batch but is misclassified; "d" beats "a" in the second batch;
+    # class 2's only image "e" is misclassified, so pair 2 has no example.
+    first_p = torch.tensor([[0.4, 0.35, 0.25], [0.1, 0.8, 0.1], [0.45, 0.5, 0.05]])
+    second_p = torch.tensor([[0.9, 0.05, 0.05], [0.6, 0.1, 0.3]])
+    accumulator.update(torch.tensor([0, 1, 0]), first_p.log(), first, ["a", "b", "c"])
+    accumulator.update(torch.tensor([0, 2]), second_p.log(), second, ["d", "e"])
+    table_path, npz_path = tmp_path / "cross_class.tsv", tmp_path / "cross_class.npz"
+    write_cross_class(table_path, npz_path, accumulator, ["x", "y", "z"], (1, 3))
+    result = read_cross_class(table_path, npz_path)
+    assert result.has_examples
+    assert result.example_image.tolist() == ["d", "b", ""]
+    assert result.example_own_maps.shape == (3, 2, 1, 3)
+    expected_own = [second[0, :, 0], first[1, :, 1]]
+    expected_cross = [second[0, :, 1], first[1, :, 0]]
+    for row in range(2):
+        np.testing.assert_allclose(result.example_own_maps[row, :, 0], expected_own[row], 1e-6)
+        np.testing.assert_allclose(result.example_cross_maps[row, :, 0], expected_cross[row], 1e-6)
+    np.testing.assert_allclose(result.example_probability_image_class[:2], [0.9, 0.8], 1e-6)
+    np.testing.assert_allclose(result.example_probability_prompt_class[:2], [0.05, 0.1], 1e-6)
+    assert np.isnan(result.example_own_maps[2]).all()
+    assert np.isnan(result.example_probability_image_class[2])
+    # The table keeps its columns; its means still count every image of A (c too).
+    assert list(result.table.columns) == [
+        "image_class",
+        "prompt_class",
+        "relation",
+        "n_images",
+        "probability_image_class",
+        "probability_prompt_class",
+        "map_similarity",
+    ]
+    assert result.table["n_images"].tolist() == [3, 1, 1]
+    assert result.table.loc[0, "probability_image_class"] == pytest.approx((0.4 + 0.45 + 0.9) / 3)
+
+
+def test_cross_class_reader_accepts_files_without_examples(tmp_path) -> None:
+    accumulator = CrossClassAccumulator([(0, 1, "sibling")], num_heads=1, num_patches=1)
+    accumulator.update(torch.tensor([0]), torch.zeros(1, 2), torch.ones(1, 1, 2, 1))
+    table_path, npz_path = tmp_path / "cross_class.tsv", tmp_path / "cross_class.npz"
+    write_cross_class(table_path, npz_path, accumulator, ["x", "y"], (1, 1))
+    with np.load(npz_path) as data:
+        old = {k: data[k] for k in ("cross_maps", "own_maps", "pairs", "label_names")}
+    np.savez(npz_path, **old)
+    assert not read_cross_class(table_path, npz_path).has_examples
+    np.savez(npz_path, **old, example_image=np.array(["a"]))
+    with pytest.raises(ValueError, match="rerun the traits rule"):
+        read_cross_class(table_path, npz_path)
 
 
 def test_cli_traits_writes_one_row_per_image_and_head(tmp_path) -> None:

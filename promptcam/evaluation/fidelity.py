@@ -12,6 +12,8 @@ Insertion and deletion (Petsiuk et al., RISE, BMVC 2018), at patch resolution:
 * The score is the softmax probability of the image's **true class**, from the model that the
   map explains (Prompt-CAM's maps by Prompt-CAM, the baselines' by the linear probe).
 * AUC: trapezoid rule over the fractions. Insertion: higher is better; deletion: lower is better.
+  The mean curve over the images (``fidelity_curves.tsv``) has the mean AUC as its area: the
+  trapezoid rule is linear in the curve.
 
 Counterfactual check, on correctly classified images: blank (mean colour) the region of the
 image's top trait, the ``region_patches`` highest patches of the most important head's map
@@ -36,8 +38,10 @@ from torch import Tensor
 
 from promptcam.config import settings_from_config
 from promptcam.data.reader import TransformConfig, split_loader
+from promptcam.evaluation.tables import write_fidelity_curves
 from promptcam.io import atomic_open, write_json
 from promptcam.progress import ProgressLines
+from promptcam.traits.tables import read_trait_maps
 
 LOGGER = logging.getLogger(__name__)
 
@@ -267,11 +271,6 @@ def top_head_maps(maps: np.ndarray, order: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- one rank
 
 
-def _read_trait_maps(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    with np.load(path) as data:
-        return {key: data[key] for key in ("image", "target", "maps", "kept", "order")}
-
-
 def _fit_probe(
     model: Any,
     shards_dir: str | os.PathLike,
@@ -313,22 +312,26 @@ def _fit_probe(
     return LinearProbe.from_sklearn(model.backbone, pipeline, probe_config.pool).to(device).eval()
 
 
-def _method_aucs(
+def _method_curves(
     score_fn: ScoreFn,
     images: Tensor,
     labels: Tensor,
     saliency: Tensor,
     baselines: Mapping[str, Tensor],
     config: FidelityConfig,
-) -> dict[str, np.ndarray]:
-    """``{mode: AUC per image}`` of one method's maps."""
-    result = {}
-    for mode, baseline in baselines.items():
-        fractions, curves = perturbation_curves(
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{mode: (fractions (S,), curves (N, S))}`` of one method's maps."""
+    return {
+        mode: perturbation_curves(
             score_fn, images, labels, saliency, baseline, mode, config.steps, config.batch_size
         )
-        result[mode] = auc(fractions, curves)
-    return result
+        for mode, baseline in baselines.items()
+    }
+
+
+def _model_of(method: str) -> str:
+    """The model a method's maps explain and are scored by."""
+    return "prompt_cam" if method == "prompt_cam" else "linear_probe"
 
 
 def _fidelity_table(
@@ -338,7 +341,7 @@ def _fidelity_table(
         [
             {
                 "method": method,
-                "model": "prompt_cam" if method == "prompt_cam" else "linear_probe",
+                "model": _model_of(method),
                 "insertion": float(np.concatenate(modes["insertion"]).mean()),
                 "deletion": float(np.concatenate(modes["deletion"]).mean()),
                 "n_images": n_images,
@@ -346,6 +349,29 @@ def _fidelity_table(
             for method, modes in aucs.items()
         ]
     )
+
+
+def _curves_table(
+    fractions: np.ndarray, curves: Mapping[str, Mapping[str, list[np.ndarray]]], n_images: int
+) -> pd.DataFrame:
+    """Long table of the mean curves: one row per method, mode and step."""
+    rows = []
+    for method, modes in curves.items():
+        for mode, batches in modes.items():
+            mean = np.concatenate(batches).mean(axis=0)
+            rows.extend(
+                {
+                    "method": method,
+                    "model": _model_of(method),
+                    "mode": mode,
+                    "step": step,
+                    "fraction": float(fraction),
+                    "probability": float(probability),
+                    "n_images": n_images,
+                }
+                for step, (fraction, probability) in enumerate(zip(fractions, mean, strict=True))
+            )
+    return pd.DataFrame(rows)
 
 
 def run_rank_fidelity(
@@ -356,6 +382,7 @@ def run_rank_fidelity(
     trait_maps: str | os.PathLike,
     out_tsv: str | os.PathLike,
     out_counterfactual: str | os.PathLike,
+    out_curves: str | os.PathLike,
     config: FidelityConfig,
     backbone_weights: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
@@ -365,8 +392,11 @@ def run_rank_fidelity(
 
     ``fidelity.tsv``: ``method`` (prompt_cam, grad_cam, layer_cam, eigen_cam,
     attention_rollout), ``model`` (prompt_cam or linear_probe: the model explained and
-    scored), ``insertion``, ``deletion`` (mean AUCs), ``n_images``. ``counterfactual.json``:
-    :func:`counterfactual_report` and the settings.
+    scored), ``insertion``, ``deletion`` (mean AUCs), ``n_images``. ``fidelity_curves.tsv``
+    (``out_curves``): the mean curves, one row per method, mode and step (see
+    :func:`promptcam.evaluation.tables.write_fidelity_curves`); their trapezoid areas are the
+    mean AUCs of ``fidelity.tsv``. ``counterfactual.json``: :func:`counterfactual_report` and
+    the settings.
     """
     from promptcam.evaluation.cams import compute_cams
     from promptcam.model.checkpoint import load_checkpoint
@@ -377,13 +407,15 @@ def run_rank_fidelity(
     model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
     model.to(device)
     probe = _fit_probe(model, shards_dir, rank, meta, config, device)
-    stored = _read_trait_maps(trait_maps)
-    row_of = {image: row for row, image in enumerate(stored["image"])}
-    num_patches = stored["maps"].shape[-2] * stored["maps"].shape[-1]
+    stored = read_trait_maps(trait_maps)
+    row_of = stored.row_of()
+    num_patches = stored.map_shape[-2] * stored.map_shape[-1]
     region_patches = max(1, round(config.region_fraction * num_patches))
     generator = torch.Generator().manual_seed(config.seed)
 
     aucs: dict[str, dict[str, list[np.ndarray]]] = {}
+    curves: dict[str, dict[str, list[np.ndarray]]] = {}
+    fractions = np.zeros(0)
     flips: dict[str, list[np.ndarray]] = {}
     seen = 0
     lines = ProgressLines()
@@ -407,7 +439,7 @@ def run_rank_fidelity(
         seen += take
         images, labels = images[:take].to(device), labels[:take].to(device)
         rows = np.array([row_of[sample_id] for sample_id in batch_meta["sample_id"][:take]])
-        maps, kept, order = stored["maps"][rows], stored["kept"][rows], stored["order"][rows]
+        maps, kept, order = stored.read_maps(rows), stored.kept[rows], stored.order[rows]
         saliency = {"prompt_cam": torch.from_numpy(prompt_cam_saliency(maps, kept, order))}
         saliency.update(compute_cams(probe, images, labels))
         baselines = {
@@ -419,11 +451,12 @@ def run_rank_fidelity(
         with torch.inference_mode():
             for method, method_maps in saliency.items():
                 score_fn = model if method == "prompt_cam" else probe
-                method_aucs = _method_aucs(
+                method_curves = _method_curves(
                     score_fn, images, labels, method_maps.to(device), baselines, config
                 )
-                for mode, values in method_aucs.items():
-                    aucs.setdefault(method, {}).setdefault(mode, []).append(values)
+                for mode, (fractions, values) in method_curves.items():
+                    aucs.setdefault(method, {}).setdefault(mode, []).append(auc(fractions, values))
+                    curves.setdefault(method, {}).setdefault(mode, []).append(values)
             searched = np.nonzero(order[:, 0] >= 0)[0]
             if len(searched):
                 chosen = torch.from_numpy(searched).to(device)
@@ -446,6 +479,7 @@ def run_rank_fidelity(
     LOGGER.info("%s: fidelity on %d test images\n%s", rank, seen, table.to_string(index=False))
     with atomic_open(out_tsv, "w", newline="") as handle:
         table.to_csv(handle, sep="\t", index=False)
+    write_fidelity_curves(out_curves, _curves_table(fractions, curves, seen))
     report = counterfactual_report(
         {key: np.concatenate(values) for key, values in flips.items()}
         or {"top_flipped": np.zeros(0)}
@@ -464,8 +498,9 @@ def run_rank_fidelity(
     LOGGER.info("%s: counterfactual %s", rank, report)
     write_json(out_counterfactual, report)
     lines.report(
-        "wrote %s and %s: %d test images, %d methods (%.0f s)",
+        "wrote %s, %s and %s: %d test images, %d methods (%.0f s)",
         out_tsv,
+        out_curves,
         out_counterfactual,
         seen,
         len(table),

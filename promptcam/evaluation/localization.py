@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from promptcam.io import write_json
+from promptcam.traits.tables import read_trait_maps
 
 LOGGER = logging.getLogger(__name__)
 
@@ -185,23 +186,24 @@ def run_rank_localization(
     from promptcam.model.checkpoint import load_checkpoint
 
     _, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
-    with np.load(trait_maps) as data:
-        image_ids, maps, kept = data["image"], data["maps"], data["kept"]
-        searched = data["order"][:, 0] >= 0
+    stored = read_trait_maps(trait_maps)
+    searched = np.nonzero(stored.searched)[0]
     masks = read_masks(shards_dir, rank, meta.preprocessing, levels)
-    missing = sorted(set(image_ids[searched]) - set(masks))
+    ids = stored.image[searched]
+    missing = sorted(set(ids) - set(masks))
     if missing:
         raise KeyError(f"{len(missing)} images of {trait_maps} have no mask, e.g. {missing[:3]}")
-    ids = image_ids[searched]
-    grid = maps.shape[-2:]
+    grid = tuple(stored.map_shape[-2:])
     coverage = {
         level: patch_coverage(np.stack([masks[i][level] for i in ids]), grid)
         if len(ids)
         else np.zeros((0, *grid))
         for level in levels
     }
-    report = localization_report(maps[searched], kept[searched], coverage, rank, min_coverage)
-    report["n_test_images"] = len(image_ids)
+    report = localization_report(
+        stored.read_maps(searched), stored.kept[searched], coverage, rank, min_coverage
+    )
+    report["n_test_images"] = len(stored.image)
     report = _json_safe(report)
     LOGGER.info(
         "%s: pointing game %s (chance %s), energy in mask %s (chance %s), %d maps",

@@ -3,6 +3,7 @@
 - ``eval.json``: :func:`promptcam.evaluation.evaluate.classification_report` and the probe.
 - ``confusion.tsv``: counts, row = true class, column = predicted class.
 - ``fidelity.tsv``: one row per method (mean insertion/deletion AUC).
+- ``fidelity_curves.tsv``: the mean insertion/deletion curves, one row per method, mode, step.
 - ``localization.json``: pointing game and energy in mask of the kept heads.
 - ``counterfactual.json``: flip rates of the top-trait region against random regions.
 """
@@ -20,6 +21,16 @@ import pandas as pd
 from promptcam.io import atomic_open
 
 CONFUSION_INDEX_NAME = "true\\predicted"
+FIDELITY_CURVE_COLUMNS = (
+    "method",
+    "model",
+    "mode",
+    "step",
+    "fraction",
+    "probability",
+    "n_images",
+)
+FIDELITY_MODES = ("insertion", "deletion")
 
 
 def write_confusion_tsv(
@@ -64,3 +75,46 @@ def read_localization(path: str | os.PathLike) -> dict[str, Any]:
 def read_counterfactual(path: str | os.PathLike) -> dict[str, Any]:
     """``counterfactual.json`` (see :func:`promptcam.evaluation.fidelity.counterfactual_report`)."""
     return read_json(path)
+
+
+def _check_fidelity_curves(curves: pd.DataFrame, path: str | os.PathLike) -> pd.DataFrame:
+    missing = [column for column in FIDELITY_CURVE_COLUMNS if column not in curves.columns]
+    if missing:
+        raise ValueError(f"{path}: no column {missing}; rerun the fidelity rule")
+    modes = set(curves["mode"]) - set(FIDELITY_MODES)
+    if modes:
+        raise ValueError(f"{path}: modes {sorted(modes)}, expected {list(FIDELITY_MODES)}")
+    return curves
+
+
+def write_fidelity_curves(path: str | os.PathLike, curves: pd.DataFrame) -> None:
+    """``fidelity_curves.tsv``, atomically: one row per ``method``, ``model``, ``mode``
+    (insertion or deletion) and ``step``; ``fraction`` is the share of patches inserted or
+    deleted, ``probability`` the true class's mean probability over ``n_images`` images."""
+    _check_fidelity_curves(curves, path)
+    with atomic_open(path, "w", newline="") as handle:
+        curves.loc[:, list(FIDELITY_CURVE_COLUMNS)].to_csv(handle, sep="\t", index=False)
+
+
+def read_fidelity_curves(path: str | os.PathLike) -> pd.DataFrame:
+    """``fidelity_curves.tsv`` (see :func:`write_fidelity_curves`), rows ordered by method (as
+    written), mode and step."""
+    curves = _check_fidelity_curves(pd.read_csv(path, sep="\t"), path)
+    return curves.reset_index(drop=True)
+
+
+def fidelity_curve_aucs(curves: pd.DataFrame) -> pd.DataFrame:
+    """Trapezoid area of each mean curve: ``method``, ``model``, ``mode``, ``auc`` (equal to the
+    mean AUC of ``fidelity.tsv``), in the curves' order."""
+    rows = [
+        {
+            "method": method,
+            "model": model,
+            "mode": mode,
+            "auc": float(np.trapezoid(curve["probability"], curve["fraction"])),
+        }
+        for (method, model, mode), curve in curves.sort_values("step", kind="stable").groupby(
+            ["method", "model", "mode"], sort=False
+        )
+    ]
+    return pd.DataFrame(rows, columns=["method", "model", "mode", "auc"])

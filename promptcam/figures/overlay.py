@@ -1,5 +1,8 @@
-"""Attention drawn on a specimen: the map as colour whose opacity follows its value, so that the
-organism stays readable where attention is low, and the ground-truth trait as an outline.
+"""Attention drawn on a specimen: the map as colour whose opacity rises with its value (as its
+square root, so that a weak but real peak is still seen at print size; the colour, read off the
+colour bar, stays linear), over the image in light grey, so that coloured attention stands out
+on colourful specimens while their shapes stay readable (figures show the colour photo once
+beside its maps), and the ground-truth trait as an outline.
 
 The model saw the stored image resized to a square (no crop), so the patch grid spans the whole
 image: the map is stretched bilinearly to the image's own height and width for display.
@@ -17,6 +20,15 @@ from promptcam.figures.style import upsample
 
 MAX_ALPHA = 0.85
 MASK_COLOUR = "white"
+MUTED_LOW, MUTED_HIGH = 0.2, 0.6  # grey range of the image under a map
+LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def muted(image: np.ndarray) -> np.ndarray:
+    """The image (H, W, 3) uint8 in light grey: luminance squeezed into 20-60 %."""
+    luminance = (np.asarray(image, dtype=np.float32)[..., :3] / 255.0) @ LUMINANCE
+    grey = MUTED_LOW + (MUTED_HIGH - MUTED_LOW) * luminance
+    return (np.repeat(grey[..., None], 3, axis=-1) * 255).round().astype(np.uint8)
 
 
 def attention_rgba(
@@ -32,7 +44,7 @@ def attention_rgba(
         raise ValueError(f"vmax must be positive, got {vmax}")
     values = np.clip(upsample(grid_map, size) / vmax, 0.0, 1.0)
     rgba = colormaps[cmap](values)
-    rgba[..., 3] = max_alpha * values
+    rgba[..., 3] = max_alpha * np.sqrt(values)
     return rgba
 
 
@@ -45,11 +57,12 @@ def draw_attention(
     cmap: str,
     mask: np.ndarray | None = None,
 ) -> None:
-    """``image`` (H, W, 3) uint8 with ``grid_map`` on top (None: the image alone) and the outline
-    of the boolean ``mask`` (H, W) if given; axes off, pixel coordinates, origin top left."""
+    """``image`` (H, W, 3) uint8 with ``grid_map`` on top (None: the image alone, in colour;
+    with a map, in grey) and the outline of the boolean ``mask`` (H, W) if given; axes off,
+    pixel coordinates, origin top left."""
     height, width = image.shape[:2]
     extent = (0, width, height, 0)
-    ax.imshow(image, extent=extent, interpolation="lanczos")
+    ax.imshow(image if grid_map is None else muted(image), extent=extent, interpolation="lanczos")
     if grid_map is not None:
         rgba = attention_rgba(grid_map, (height, width), vmax, cmap)
         ax.imshow(rgba, extent=extent, interpolation="bilinear")

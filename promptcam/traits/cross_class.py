@@ -63,7 +63,13 @@ def cross_class_pairs(
 
 class CrossClassAccumulator:
     """Streams batches; keeps, per pair (A, B), sums over class A's images of class B's prompt
-    attention (every head), of A's own, and of both classes' probabilities."""
+    attention (every head), of A's own, and of both classes' probabilities.
+
+    It also keeps one representative image per pair: the correctly classified image of class A
+    with the highest probability of A (the first such image on a tie), with every head's map
+    of A's prompt and of B's prompt on it and both classes' probabilities there (the mean maps
+    belong to no image, so a figure shows these).
+    """
 
     def __init__(
         self, pairs: Sequence[tuple[int, int, str]], num_heads: int, num_patches: int
@@ -74,11 +80,26 @@ class CrossClassAccumulator:
         self.probability_image_class = np.zeros(len(self.pairs))
         self.probability_prompt_class = np.zeros(len(self.pairs))
         self.n_images = np.zeros(len(self.pairs), dtype=np.int64)
+        self.example_image = [""] * len(self.pairs)  # "": no correctly classified image of A
+        self.example_own = np.full_like(self.cross, np.nan)
+        self.example_cross = np.full_like(self.cross, np.nan)
+        self.example_probability_image_class = np.full(len(self.pairs), np.nan)
+        self.example_probability_prompt_class = np.full(len(self.pairs), np.nan)
 
-    def update(self, labels: Tensor, scores: Tensor, attention: Tensor) -> None:
-        """``labels`` (B,), ``scores`` (B, C), ``attention`` (B, H, C, P) of one batch."""
+    def update(
+        self,
+        labels: Tensor,
+        scores: Tensor,
+        attention: Tensor,
+        sample_ids: Sequence[str] | None = None,
+    ) -> None:
+        """``labels`` (B,), ``scores`` (B, C), ``attention`` (B, H, C, P) of one batch and the
+        images' ``sample_ids`` (B,) (None: no representative images are kept)."""
         labels = labels.cpu()
         probabilities = scores.float().softmax(dim=-1).cpu().double()
+        predicted = probabilities.argmax(dim=-1)
+        if sample_ids is not None and len(sample_ids) != len(labels):
+            raise ValueError(f"{len(sample_ids)} sample ids for {len(labels)} images")
         for row, (image_class, prompt_class, _) in enumerate(self.pairs):
             members = (labels == image_class).nonzero().squeeze(1)
             if not members.numel():
@@ -89,6 +110,34 @@ class CrossClassAccumulator:
             self.probability_image_class[row] += float(probabilities[members, image_class].sum())
             self.probability_prompt_class[row] += float(probabilities[members, prompt_class].sum())
             self.n_images[row] += members.numel()
+            if sample_ids is not None:
+                self._keep_example(row, members, predicted, probabilities, attention, sample_ids)
+
+    def _keep_example(
+        self,
+        row: int,
+        members: Tensor,
+        predicted: Tensor,
+        probabilities: Tensor,
+        attention: Tensor,
+        sample_ids: Sequence[str],
+    ) -> None:
+        """Replace pair ``row``'s representative image if this batch has a better one."""
+        image_class, prompt_class, _ = self.pairs[row]
+        correct = members[predicted[members] == image_class]
+        if not correct.numel():
+            return
+        best = int(correct[probabilities[correct, image_class].argmax()])
+        probability = float(probabilities[best, image_class])
+        previous = self.example_probability_image_class[row]
+        if not np.isnan(previous) and probability <= previous:
+            return
+        maps = attention[best].double().cpu().numpy()
+        self.example_image[row] = str(sample_ids[best])
+        self.example_own[row] = maps[:, image_class]
+        self.example_cross[row] = maps[:, prompt_class]
+        self.example_probability_image_class[row] = probability
+        self.example_probability_prompt_class[row] = float(probabilities[best, prompt_class])
 
     def means(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean maps (pairs, H, P) of the prompt class and of the image class; NaN if no image."""
@@ -132,8 +181,13 @@ def write_cross_class(
     label_names: Sequence[str],
     patch_grid: tuple[int, int],
 ) -> None:
-    """The pair table and ``cross_maps``/``own_maps`` (pairs, H, h, w), ``pairs`` (pairs, 2)
-    class indices (image class, prompt class), ``label_names`` in a compressed npz."""
+    """The pair table and, in a compressed npz: ``cross_maps``/``own_maps`` (pairs, H, h, w)
+    the mean maps over the image class's images, ``pairs`` (pairs, 2) class indices (image
+    class, prompt class), ``label_names``; per pair's representative image (see
+    :class:`CrossClassAccumulator`; "" and NaN where class A has no correctly classified
+    image): ``example_image`` (pairs,) its sample id, ``example_own_maps`` and
+    ``example_cross_maps`` (pairs, H, h, w) A's and B's prompt on it,
+    ``example_probability_image_class`` and ``example_probability_prompt_class`` (pairs,)."""
     cross, own = accumulator.means()
     shape = (len(accumulator.pairs), cross.shape[1], *patch_grid)
     with atomic_open(tsv_path, "w", newline="") as handle:
@@ -149,4 +203,9 @@ def write_cross_class(
                 -1, 2
             ),
             label_names=np.asarray(label_names, dtype=str),
+            example_image=np.asarray(accumulator.example_image, dtype=str),
+            example_own_maps=accumulator.example_own.reshape(shape).astype(np.float32),
+            example_cross_maps=accumulator.example_cross.reshape(shape).astype(np.float32),
+            example_probability_image_class=accumulator.example_probability_image_class,
+            example_probability_prompt_class=accumulator.example_probability_prompt_class,
         )

@@ -170,7 +170,7 @@ def run_rank_traits(
             config.greedy.tie_tolerance,
             config.encode_precision,
         )
-        cross.update(labels, result.scores, result.attention)
+        cross.update(labels, result.scores, result.attention, batch_meta["sample_id"])
         image_ids.extend(batch_meta["sample_id"])
         traces.append(result.trace)
         maps.append(result.target_maps().float().cpu().numpy())

@@ -303,25 +303,56 @@ def read_trait_summary(tsv_path: str | os.PathLike, npz_path: str | os.PathLike)
 
 @dataclass(frozen=True)
 class CrossClass:
-    """``cross_class.tsv`` and ``.npz``: class B's prompt on class A's images, per pair."""
+    """``cross_class.tsv`` and ``.npz``: class B's prompt on class A's images, per pair.
+
+    The ``example_*`` arrays belong to one representative image per pair (A's correctly
+    classified test image with the highest probability of A); they are None in files written
+    before they existed (:attr:`has_examples`). Where A has no such image, ``example_image`` is
+    "" and the maps and probabilities are NaN.
+    """
 
     table: pd.DataFrame  # one row per pair, in the npz's order
     cross_maps: np.ndarray  # (pairs, H, h, w): the prompt class's mean maps on A's images
     own_maps: np.ndarray  # (pairs, H, h, w): A's own prompt on the same images
     pairs: np.ndarray  # (pairs, 2) class indices (image class, prompt class)
     label_names: np.ndarray
+    example_image: np.ndarray | None = None  # (pairs,) sample id of the representative image
+    example_own_maps: np.ndarray | None = None  # (pairs, H, h, w): A's prompt on it
+    example_cross_maps: np.ndarray | None = None  # (pairs, H, h, w): B's prompt on it
+    example_probability_image_class: np.ndarray | None = None  # (pairs,) p(A) on it
+    example_probability_prompt_class: np.ndarray | None = None  # (pairs,) p(B) on it
+
+    @property
+    def has_examples(self) -> bool:
+        return self.example_image is not None
+
+
+EXAMPLE_ARRAYS = (
+    "example_image",
+    "example_own_maps",
+    "example_cross_maps",
+    "example_probability_image_class",
+    "example_probability_prompt_class",
+)
 
 
 def read_cross_class(tsv_path: str | os.PathLike, npz_path: str | os.PathLike) -> CrossClass:
     """The cross-class files written by :func:`promptcam.traits.cross_class.write_cross_class`."""
     table = pd.read_csv(tsv_path, sep="\t", na_values=["NA"], keep_default_na=False)
     with np.load(npz_path) as data:
+        examples = {name: data[name] for name in EXAMPLE_ARRAYS if name in data.files}
+        if examples and len(examples) != len(EXAMPLE_ARRAYS):
+            missing = sorted(set(EXAMPLE_ARRAYS) - set(examples))
+            raise ValueError(f"{npz_path} lacks {missing}: rerun the traits rule")
+        if "example_image" in examples:
+            examples["example_image"] = examples["example_image"].astype(str)
         result = CrossClass(
             table=table,
             cross_maps=data["cross_maps"],
             own_maps=data["own_maps"],
             pairs=data["pairs"],
             label_names=data["label_names"].astype(str),
+            **examples,
         )
     if len(result.table) != len(result.pairs):
         raise ValueError(

@@ -126,6 +126,7 @@ def trait_outputs():
         "cross_class.tsv",
         "cross_class.npz",
         "fidelity.tsv",
+        "fidelity_curves.tsv",
         "counterfactual.json",
     ]
     if is_demo():
@@ -173,3 +174,67 @@ def pretrain_stages():
 wildcard_constraints:
     rank="|".join(re.escape(rank) for rank in levels()),
     split="train|val|test",
+
+
+def rank_figure(rank, name):
+    """A per-rank figure (stem or folder), results/{rank}/figures/{name}."""
+    return rank_result(rank, f"figures/{name}")
+
+
+def cross_rank_figure(name):
+    """A figure across ranks (stem or folder), results/figures/{name}."""
+    return str(PurePosixPath("results", "figures", name))
+
+
+def figure_files(stem):
+    """Every figure is written twice: vector PDF and PNG."""
+    return [f"{stem}.pdf", f"{stem}.png"]
+
+
+def figure_params(family=None):
+    """The figures config's look (style) and, given, one figure family's settings (params)."""
+    params = {"style": canonical(config["figures"]["style"])}
+    if family is not None:
+        params["settings"] = canonical(config["figures"][family])
+    return params
+
+
+def per_rank(name):
+    """``{rank: results/{rank}/{name}}`` for every rank, coarse to fine (a figure's inputs)."""
+    return {rank: rank_result(rank, name) for rank in levels()}
+
+
+def summary_figures():
+    """Stems of the summary figures across ranks; localisation needs trait masks (demo)."""
+    names = ["accuracy", "training_curves", "fidelity_curves", "counterfactual"]
+    if is_demo():
+        names.append("localization")
+    return [cross_rank_figure(name) for name in names]
+
+
+def figure_outputs():
+    """The figures stage's contract (rule all needs it)."""
+    per_rank_dirs = [
+        rank_figure(rank, name)
+        for rank in levels()
+        for name in ("trait_panels", "gallery")
+    ]
+    per_rank_files = [
+        path
+        for rank in levels()
+        for name in ("cross_class", "confusion")
+        for path in figure_files(rank_figure(rank, name))
+    ]
+    trees = [
+        path
+        for layout in config["figures"]["tree"]["layouts"]
+        for path in figure_files(cross_rank_figure(f"tree_{layout}"))
+    ]
+    summaries = [path for stem in summary_figures() for path in figure_files(stem)]
+    return [
+        *per_rank_dirs,
+        *per_rank_files,
+        cross_rank_figure("coarse_to_fine"),
+        *trees,
+        *summaries,
+    ]

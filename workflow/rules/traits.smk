@@ -63,6 +63,7 @@ rule fidelity:
     output:
         table=rank_result("{rank}", "fidelity.tsv"),
         counterfactual=rank_result("{rank}", "counterfactual.json"),
+        curves=rank_result("{rank}", "fidelity_curves.tsv"),
     log:
         log_path("traits", "fidelity_{rank}"),
     benchmark:
