@@ -112,6 +112,30 @@ def module_file(repo_root: Path, module: str) -> Path | None:
     return None
 
 
+def is_type_checking_block(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): imports for annotations only."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:``, which never run (as the
+    import contracts in pyproject.toml, exclude_type_checking_imports)."""
+    found, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        if is_type_checking_block(node):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
 def third_party_imports(repo_root: Path, script: Path) -> set[str]:
     """Top-level third-party modules a script imports, itself or through promptcam modules
     (every import statement, including those inside functions)."""
@@ -120,7 +144,7 @@ def third_party_imports(repo_root: Path, script: Path) -> set[str]:
     todo = [script]
     while todo:
         tree = ast.parse(todo.pop().read_text())
-        for node in ast.walk(tree):
+        for node in runtime_nodes(tree):
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
