@@ -9,11 +9,12 @@ from itertools import combinations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from figure_checks import assert_fonts_embedded_truetype, assert_png_shows_something, pdf_page_mm
 from matplotlib.text import Text
 
-from promptcam.figures.cross_class import draw_cross_class
+from promptcam.figures.cross_class import chosen_pairs, draw_cross_class
 from promptcam.figures.gallery import draw_gallery
 from promptcam.figures.panels import (
     PanelRow,
@@ -27,7 +28,7 @@ from promptcam.figures.panels import (
 from promptcam.figures.settings import CrossClassSettings, GallerySettings, PanelSettings
 from promptcam.figures.sources import shard_images
 from promptcam.figures.style import FigureStyle, styled
-from promptcam.traits.tables import read_cross_class, read_search_table, read_trait_maps
+from promptcam.traits.tables import CrossClass, read_cross_class, read_search_table, read_trait_maps
 
 STYLE = FigureStyle()
 LEVELS = ("family", "genus", "species")
@@ -275,3 +276,37 @@ def test_cross_class_refuses_files_without_examples(tmp_path, images) -> None:
             style=STYLE,
             settings=CrossClassSettings(),
         )
+
+
+def test_cross_class_pairs_spread_over_image_classes() -> None:
+    """A class with many siblings does not take the page: two pairs per image class a round,
+    configured pairs first."""
+    image_classes = ["A"] * 5 + ["B"] * 2 + ["C"] * 2
+    prompts = ["B", "C", "D", "E", "F", "A", "C", "A", "B"]
+    relation = ["sibling"] * 8 + ["configured"]
+    table = pd.DataFrame(
+        {
+            "image_class": image_classes,
+            "prompt_class": prompts,
+            "relation": relation,
+            "n_images": [9] * 5 + [3] * 2 + [2] * 2,
+        }
+    )
+    count = len(table)
+    cross = CrossClass(
+        table=table,
+        cross_maps=np.zeros((count, 1, 2, 2)),
+        own_maps=np.zeros((count, 1, 2, 2)),
+        pairs=np.zeros((count, 2), dtype=np.int64),
+        label_names=np.array(list("ABCDEF")),
+        example_image=np.array(["x"] * count),
+    )
+    rows, without_image = chosen_pairs(cross, max_pairs=5)
+    assert without_image == 0
+    assert rows[0] == 8  # the configured pair
+    chosen = table.iloc[rows]
+    assert sorted(chosen["image_class"].value_counts().to_dict().items()) == [
+        ("A", 2),
+        ("B", 2),
+        ("C", 1),
+    ]

@@ -33,10 +33,15 @@ CROSS_NOTE = (
 )
 
 
+PAIRS_PER_ROUND = 2  # pairs of one image class per round: a row compares two siblings
+
+
 def chosen_pairs(cross: CrossClass, max_pairs: int) -> tuple[list[int], int]:
     """Up to ``max_pairs`` pair rows with a representative image: configured pairs first,
-    then the pairs whose image class has the most test images (file order on ties); and how
-    many pairs had no representative image."""
+    then spread over image classes (at most ``PAIRS_PER_ROUND`` of a class per round, so
+    that one class with many siblings does not take the page), the pairs whose image class
+    has the most test images first (file order on ties); and how many pairs had no
+    representative image."""
     table = cross.table.assign(
         _row=np.arange(len(cross.table)),
         _configured=(cross.table["relation"] == "configured").to_numpy(),
@@ -44,6 +49,12 @@ def chosen_pairs(cross: CrossClass, max_pairs: int) -> tuple[list[int], int]:
     )
     usable = table[table["_has_image"]].sort_values(
         ["_configured", "n_images", "_row"], ascending=[False, False, True], kind="stable"
+    )
+    usable = usable.assign(_round=usable.groupby("image_class").cumcount() // PAIRS_PER_ROUND)
+    usable = usable.sort_values(
+        ["_configured", "_round", "n_images", "_row"],
+        ascending=[False, True, False, True],
+        kind="stable",
     )
     return usable["_row"].head(max_pairs).tolist(), int((~table["_has_image"]).sum())
 
