@@ -26,6 +26,7 @@ def main() -> None:
             out_tsv=snakemake.output.table,
             out_counterfactual=snakemake.output.counterfactual,
             out_curves=snakemake.output.curves,
+            out_cam_maps=snakemake.output.cam_maps,
             config=settings_from_config(FidelityConfig, settings, "traits.fidelity"),
         )
 

@@ -15,7 +15,6 @@ ACROSS_RANKS = {
     "training_curves_figure": (summaries.draw_training_curves, "metrics"),
     "fidelity_curves_figure": (summaries.draw_fidelity_curves, "curves"),
     "counterfactual_figure": (summaries.draw_counterfactual, "counterfactual"),
-    "localization_figure": (summaries.draw_localization, "localization"),
 }
 
 
@@ -28,6 +27,14 @@ def main() -> None:
             written = summaries.draw_confusion(
                 confusion=Path(snakemake.input[0]),
                 rank=snakemake.wildcards.rank,
+                out_stem=out_stem,
+                style=style,
+            )
+        elif rule == "localization_figure":
+            levels = snakemake.params.levels
+            written = summaries.draw_localization(
+                localization=dict(zip(levels, map(Path, snakemake.input.reports), strict=True)),
+                tables=dict(zip(levels, map(Path, snakemake.input.tables), strict=True)),
                 out_stem=out_stem,
                 style=style,
             )

@@ -15,7 +15,10 @@ def main() -> None:
             shards_dir=snakemake.input.shards,
             rank=snakemake.wildcards.rank,
             levels=snakemake.params.levels,
-            out_json=snakemake.output[0],
+            out_json=snakemake.output.report,
+            cam_maps=snakemake.input.cam_maps,
+            out_tsv=snakemake.output.table,
+            heads_tsv=snakemake.input.heads,
             min_coverage=snakemake.params.min_coverage,
         )
 

@@ -238,6 +238,8 @@ def test_runtime_keys_are_marked_once_in_the_schema():
         "traits.device",
         "traits.fidelity.device",
         "traits.fidelity.threads",
+        "traits.heads.device",
+        "traits.heads.threads",
         "traits.threads",
     ]
     # Loader workers change the data order, so they are a result key.
@@ -342,6 +344,7 @@ def settings_classes():
     from promptcam.demo.pretext import PretrainConfig
     from promptcam.evaluation.evaluate import EvalConfig
     from promptcam.evaluation.fidelity import FidelityConfig
+    from promptcam.evaluation.heads import HeadsConfig
     from promptcam.evaluation.linear_probe import LinearProbeConfig
     from promptcam.figures import settings as figures
     from promptcam.figures.style import FigureStyle
@@ -360,6 +363,7 @@ def settings_classes():
         (TraitRunConfig, "traits"),
         (GreedyConfig, "traits"),
         (FidelityConfig, "traits.fidelity"),
+        (HeadsConfig, "traits.heads"),
         (DemoConfig, "demo"),
         (SplitConfig, "splits"),
         (ShardConfig, "shards"),
@@ -402,7 +406,7 @@ def test_every_key_of_a_section_has_its_field():
     taken_out = {
         "demo": {"threads"},
         "shards": {"threads"},
-        "traits": {"localization", "fidelity"},
+        "traits": {"localization", "fidelity", "heads"},
         "train.defaults": {"model", "transform"},
         "pretrain": {"device", "probe_per_species", "stages"},
     }

@@ -20,7 +20,11 @@ from promptcam.evaluation.evaluate import (
     evaluate_rank,
     per_class_accuracy,
 )
-from promptcam.evaluation.linear_probe import LinearProbeConfig, fit_linear_probe
+from promptcam.evaluation.linear_probe import (
+    LinearProbeConfig,
+    expected_calibration_error,
+    fit_linear_probe,
+)
 from promptcam.evaluation.tables import read_confusion, write_confusion_tsv
 from promptcam.training.runtime import topk_accuracy
 from promptcam.training.train import train_rank
@@ -97,15 +101,34 @@ def gaussian_blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return centres[labels] + rng.normal(size=(n, 4)), labels
 
 
-def test_linear_probe_selects_on_val_with_ties_to_stronger_regularisation() -> None:
+def test_linear_probe_selects_by_val_log_loss_and_reports_calibration() -> None:
     train, val, test = gaussian_blobs(60, 0), gaussian_blobs(30, 1), gaussian_blobs(30, 2)
-    config = LinearProbeConfig(c_grid=(100.0, 1.0, 0.01))
+    config = LinearProbeConfig(c_grid=(100.0, 1.0, 0.001))
     model, selected, grid = fit_linear_probe(train, val, config)
-    assert [row["C"] for row in grid] == [0.01, 1.0, 100.0]
-    best = max(row["val_top1"] for row in grid)
-    assert selected["val_top1"] == best
-    assert selected["C"] == min(row["C"] for row in grid if row["val_top1"] == best)
+    assert [row["C"] for row in grid] == [0.001, 1.0, 100.0]
+    assert selected["val_log_loss"] == min(row["val_log_loss"] for row in grid)
+    # Well separated blobs: every C is right on val, but C = 0.001 is barely confident, so
+    # top-1 with ties to the smaller C would have chosen it; log-loss does not.
+    assert all(row["val_top1"] > 0.9 for row in grid)
+    assert selected["C"] != 0.001
+    assert grid[0]["val_true_class_probability"] < selected["val_true_class_probability"]
     assert np.mean(model.predict(test[0]) == test[1]) > 0.9
+    for row in grid:
+        assert 0 <= row["val_ece"] <= 1 and 0 < row["val_true_class_probability"] <= 1
+        assert row["val_log_loss"] >= -np.log(row["val_true_class_probability"]) - 1e-12  # Jensen
+
+
+def test_expected_calibration_error_on_hand_made_cases() -> None:
+    labels = np.array([0, 0, 1, 1])
+    # Confidence 0.75 everywhere and right on 3 of 4: calibrated.
+    calibrated = np.array([[0.75, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.25]])
+    assert expected_calibration_error(calibrated, labels) == pytest.approx(0.0)
+    # Confidence 0.9 and right on half: a gap of 0.4.
+    over = np.array([[0.9, 0.1], [0.1, 0.9], [0.1, 0.9], [0.9, 0.1]])
+    assert expected_calibration_error(over, labels) == pytest.approx(0.4)
+    # Two bins: 0.6 right (gap 0.4), 1.0 wrong (gap 1.0), each half of the samples.
+    two = np.array([[0.6, 0.4], [0.0, 1.0], [0.4, 0.6], [1.0, 0.0]])
+    assert expected_calibration_error(two, labels) == pytest.approx(0.7)
 
 
 def test_linear_probe_needs_two_classes() -> None:
@@ -160,6 +183,14 @@ def test_evaluate_rank_writes_consistent_outputs(
         assert report["per_class"][name]["top1"] == pytest.approx(row[name] / row.sum())
     assert 0.0 <= report["linear_probe_top1"] <= 1.0
     assert report["linear_probe"]["pool"] == pool
+    probe = report["linear_probe"]
+    assert probe["selected_by"] == "val_log_loss"
+    assert probe["val_log_loss"] == min(row["val_log_loss"] for row in probe["grid"])
+    for split in ("train", "val", "test"):
+        assert 0 <= probe[f"{split}_ece"] <= 1, split
+        assert 0 < probe[f"{split}_true_class_probability"] <= 1, split
+        assert probe[f"{split}_log_loss"] > 0, split
+    assert probe["test_top1"] == report["linear_probe_top1"]
     assert report["interpretability_cost"] == pytest.approx(
         report["linear_probe_top1"] - report["top1"]
     )

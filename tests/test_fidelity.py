@@ -199,6 +199,181 @@ def test_probe_from_sklearn_folds_the_standardisation() -> None:
         np.testing.assert_allclose(probabilities, pipeline.predict_proba(features), atol=1e-4)
 
 
+# ----------------------------------------------------------------------------- CAMs of Prompt-CAM
+
+PROMPT_CAM_LAYOUTS = [
+    ("reference", "deep", 0),
+    ("reference", "shallow", 0),
+    ("scalable", "deep", 2),
+]
+
+
+def tiny_prompt_cam(layout: str, variant: str, agnostic: int, num_classes: int = 3) -> PromptCAM:
+    torch.manual_seed(0)
+    vit = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=4)
+    config = PromptCAMConfig(
+        num_classes=num_classes, layout=layout, variant=variant, num_agnostic_prompts=agnostic
+    )
+    model = PromptCAM(BackboneSpec("vit_custom", kwargs=vit), config).eval()
+    with torch.no_grad():
+        model.head.weight.normal_(std=3.0)  # scores that differ between classes
+    return model
+
+
+@pytest.mark.parametrize(("layout", "variant", "agnostic"), PROMPT_CAM_LAYOUTS)
+def test_prompt_cam_cams_shapes_class_specificity_and_rollout(
+    layout: str, variant: str, agnostic: int
+) -> None:
+    from promptcam.evaluation.cams import (
+        _attention_weights,
+        compute_prompt_cam_cams,
+        record_prompt_cam,
+    )
+
+    model = tiny_prompt_cam(layout, variant, agnostic)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cams = compute_prompt_cam_cams(model, images, torch.tensor([0, 2]))
+    assert set(cams) == set(CAM_METHODS)
+    for name, cam in cams.items():
+        assert cam.shape == (2, 4, 4), name
+        assert bool((cam >= 0).all()) and bool(torch.isfinite(cam).all()), name
+    other = compute_prompt_cam_cams(model, images, torch.tensor([1, 1]))
+    for name in ("grad_cam", "attention_rollout"):  # class-specific
+        assert not torch.allclose(other[name], cams[name]), name
+    torch.testing.assert_close(other["eigen_cam"], cams["eigen_cam"])  # class-agnostic
+    # The recorded last-block weights are the model's own attention maps.
+    recording = record_prompt_cam(model, images, with_grad=False)
+    with torch.no_grad():
+        scores, attention = model.forward_with_attention(images)
+    torch.testing.assert_close(recording.scores, scores)
+    weights = _attention_weights(
+        model.backbone.blocks[-1].attn, recording.queries, recording.context
+    )
+    torch.testing.assert_close(weights[..., -16:], attention)
+    # A one-block roll-out is the class row over the image tokens, renormalised.
+    rollout = cams["attention_rollout"].flatten(1)
+    assert bool((rollout.sum(dim=1) <= 1 + 1e-5).all()) and bool((rollout.sum(dim=1) > 0).all())
+
+
+def test_prompt_cam_gradients_need_no_gradient_on_the_model() -> None:
+    from promptcam.evaluation.cams import compute_prompt_cam_cams
+
+    model = tiny_prompt_cam("scalable", "deep", 0)
+    model.requires_grad_(False)  # frozen everywhere: the CAM's leaf gives the gradient
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    cams = compute_prompt_cam_cams(model, images, torch.tensor([0, 1]), ("grad_cam",))
+    assert float(cams["grad_cam"].abs().sum()) > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- peer oracle
+
+
+class InputGradient(torch.nn.Module):
+    """``model`` with its input requiring grad: pytorch-grad-cam records a target layer's
+    gradient only where its output requires grad, and every weight here is frozen."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.detach().requires_grad_(True))
+
+
+class ContextTap(torch.nn.Module):
+    """The last block's norm1 with its context output passed through ``tap``: Prompt-CAM norms
+    the class rows' queries there too, and pytorch-grad-cam's target must see one call."""
+
+    def __init__(self, norm: torch.nn.Module, context_tokens: int) -> None:
+        super().__init__()
+        self.norm, self.tap, self.context_tokens = norm, torch.nn.Identity(), context_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm(x)
+        return self.tap(out) if x.shape[1] == self.context_tokens else out
+
+
+def patch_reshape(num_patches: int, grid: tuple[int, int]):
+    def reshape(tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, -num_patches:]
+        return patches.reshape(len(tokens), *grid, -1).permute(0, 3, 1, 2)
+
+    return reshape
+
+
+def assert_equal_to_pytorch_grad_cam(model, target_layer, reshape, ours, images, targets) -> None:
+    """Grad-CAM, Layer-CAM and Eigen-CAM of ``ours`` (name -> (B, h, w)) equal pytorch-grad-cam's
+    on ``target_layer``, ours post-processed as its BaseCAM does (min-max scaled, resized to the
+    image, min-max scaled again)."""
+    from pytorch_grad_cam import EigenCAM, GradCAM, LayerCAM
+    from pytorch_grad_cam.utils.image import scale_cam_image
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
+
+    size = (images.shape[-1], images.shape[-2])
+
+    def post_processed(maps: np.ndarray) -> np.ndarray:
+        return scale_cam_image(scale_cam_image(maps, size))
+
+    target_list = [ClassifierOutputTarget(int(c)) for c in targets]
+    for name, cam_class in (("grad_cam", GradCAM), ("layer_cam", LayerCAM)):
+        with cam_class(model, [target_layer], reshape_transform=reshape) as cam:
+            theirs = cam(input_tensor=images, targets=target_list)
+        mine = post_processed(ours[name].numpy())
+        assert mine.max() > 0, name  # not an all-zero map
+        np.testing.assert_allclose(mine, theirs, rtol=0, atol=1e-4, err_msg=name)
+    with EigenCAM(model, [target_layer], reshape_transform=reshape) as cam:
+        public = cam(input_tensor=images, targets=target_list)
+        activations = cam.activations_and_grads.activations[0].numpy()
+    projection = get_2d_projection(activations.copy())
+    peaks = np.take_along_axis(
+        projection.reshape(len(projection), -1),
+        np.abs(projection.reshape(len(projection), -1)).argmax(axis=1)[:, None],
+        axis=1,
+    )
+    sign = np.where(peaks < 0, -1.0, 1.0)[:, :, None]
+    corrected = post_processed(np.maximum(projection * sign, 0))
+    mine = post_processed(ours["eigen_cam"].numpy())
+    np.testing.assert_allclose(mine, corrected, rtol=0, atol=1e-4, err_msg="eigen_cam")
+    same_sign = sign[:, 0, 0] > 0  # where pytorch-grad-cam's SVD sign agrees, its output is ours
+    np.testing.assert_allclose(mine[same_sign], public[same_sign], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_probe_cams_equal_pytorch_grad_cam(pool: str) -> None:
+    backbone = tiny_backbone()
+    generator = torch.Generator().manual_seed(3)
+    probe = LinearProbe(backbone, torch.randn(3, 32, generator=generator), torch.zeros(3), pool)
+    images = torch.randn(4, 3, 32, 32, generator=generator)
+    targets = torch.tensor([0, 1, 2, 1])
+    ours = compute_cams(probe, images, targets)
+    assert_equal_to_pytorch_grad_cam(
+        InputGradient(probe), backbone.blocks[-1].norm1, patch_reshape(16, GRID), ours, images,
+        targets,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("layout", "variant", "agnostic"), PROMPT_CAM_LAYOUTS)
+def test_prompt_cam_cams_equal_pytorch_grad_cam(layout: str, variant: str, agnostic: int) -> None:
+    from promptcam.evaluation.cams import compute_prompt_cam_cams
+
+    model = tiny_prompt_cam(layout, variant, agnostic)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    targets = torch.tensor([0, 1, 2, 1])
+    ours = compute_prompt_cam_cams(model, images, targets)
+    block = model.backbone.blocks[-1]
+    prompts_in_context = 0 if layout == "scalable" else model.num_classes
+    tapped = ContextTap(block.norm1, prompts_in_context + 1 + 16)
+    block.norm1 = tapped
+    try:
+        assert_equal_to_pytorch_grad_cam(
+            InputGradient(model), tapped.tap, patch_reshape(16, GRID), ours, images, targets
+        )
+    finally:
+        block.norm1 = tapped.norm
+
+
 # ----------------------------------------------------------------------------- one rank, end to end
 
 
@@ -283,26 +458,27 @@ def test_traits_rule_outputs(rank_outputs) -> None:
 def test_localization_on_the_demo_masks(rank_outputs) -> None:
     from promptcam.evaluation.localization import run_rank_localization
 
-    out = rank_outputs["out"] / "localization.json"
-    report = run_rank_localization(
+    out = rank_outputs["out"] / "localization"
+    run_fidelity(rank_outputs, out, batch_size=8)  # cam_maps.npz: the baselines' maps
+    run_rank_localization(
         trait_maps=rank_outputs["maps"],
         checkpoint=rank_outputs["checkpoint"],
         shards_dir=rank_outputs["shards"],
         rank="genus",
         levels=("family", "genus", "species"),
-        out_json=out,
+        out_json=out / "localization.json",
+        cam_maps=out / "cam_maps.npz",
+        out_tsv=out / "localization.tsv",
     )
-    assert json.loads(out.read_text()) == report
+    report = json.loads((out / "localization.json").read_text())
     assert set(report["by_trait"]) == {"family", "genus", "species"}
     for key in ("pointing_game", "energy_in_mask"):
         assert key in report
         assert report[key] is None or 0 <= report[key] <= 1
 
 
-def test_fidelity_and_counterfactual(rank_outputs) -> None:
-    out = rank_outputs["out"]
-    config = FidelityConfig(steps=4, max_images=3, random_regions=2, batch_size=8)
-    table = run_rank_fidelity(
+def run_fidelity(rank_outputs, out: Path, **settings) -> pd.DataFrame:
+    return run_rank_fidelity(
         checkpoint=rank_outputs["checkpoint"],
         shards_dir=rank_outputs["shards"],
         rank="genus",
@@ -310,16 +486,96 @@ def test_fidelity_and_counterfactual(rank_outputs) -> None:
         out_tsv=out / "fidelity.tsv",
         out_counterfactual=out / "counterfactual.json",
         out_curves=out / "fidelity_curves.tsv",
-        config=config,
+        out_cam_maps=out / "cam_maps.npz",
+        config=FidelityConfig(steps=4, max_images=3, random_regions=2, random_maps=2, **settings),
     )
-    written = pd.read_csv(out / "fidelity.tsv", sep="\t")
-    assert written["method"].tolist() == ["prompt_cam", *CAM_METHODS]
+
+
+def test_fidelity_rows_normalisation_and_counterfactual(rank_outputs) -> None:
+    from promptcam.evaluation.fidelity import BASELINE_METHODS, FIDELITY_METHODS
+    from promptcam.evaluation.tables import FIDELITY_COLUMNS, read_fidelity
+
+    assert BASELINE_METHODS == CAM_METHODS
+    out = rank_outputs["out"]
+    table = run_fidelity(rank_outputs, out, batch_size=8)
+    written = read_fidelity(out / "fidelity.tsv")
+    assert tuple(written.columns) == FIDELITY_COLUMNS
+    assert list(zip(written["method"], written["model"], strict=True)) == list(FIDELITY_METHODS)
+    for model in ("prompt_cam", "linear_probe"):
+        methods = written.loc[written["model"] == model, "method"].tolist()
+        assert methods[-1] == "random" and set(CAM_METHODS) <= set(methods), model
     assert written[["insertion", "deletion"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert written["clean_probability"].between(0, 1).all()
+    for mode in ("insertion", "deletion"):
+        np.testing.assert_allclose(
+            written[f"{mode}_norm"], written[mode] / written["clean_probability"]
+        )
+    # One clean probability per model: the same images, the same model.
+    assert (written.groupby("model")["clean_probability"].nunique() == 1).all()
     assert (written["n_images"] == 3).all()
     pd.testing.assert_frame_equal(written, table, check_dtype=False)
     report = json.loads((out / "counterfactual.json").read_text())
     assert report["region_patches"] == 2  # 10% of 16 patches, rounded
     assert report["n_images"] == 0 or 0 <= report["top_trait_flip_rate"] <= 1
+
+
+def test_cam_maps_of_every_test_image(rank_outputs) -> None:
+    from promptcam.evaluation.fidelity import FIDELITY_METHODS, prompt_cam_saliency
+    from promptcam.evaluation.tables import read_cam_maps
+    from promptcam.traits.tables import read_trait_maps
+
+    out = rank_outputs["out"] / "maps"
+    run_fidelity(rank_outputs, out, batch_size=2)  # 3 scored, the rest maps only
+    cams = read_cam_maps(out / "cam_maps.npz")
+    stored = read_trait_maps(rank_outputs["maps"])
+    assert sorted(cams.image) == sorted(stored.image) and len(cams.image) > 3
+    assert cams.pairs() == list(FIDELITY_METHODS)
+    assert cams.maps.shape == (len(cams.image), len(FIDELITY_METHODS), 4, 4)
+    assert cams.maps.dtype == np.float32 and np.isfinite(cams.maps).all()
+    rows = [stored.row_of()[image] for image in cams.image]
+    expected = prompt_cam_saliency(stored.read_maps(rows), stored.kept[rows], stored.order[rows])
+    np.testing.assert_allclose(cams.maps_of("prompt_cam", "prompt_cam"), expected)
+    # Each model's baselines are its own: the probe's Grad-CAM is not Prompt-CAM's.
+    assert not np.allclose(
+        cams.maps_of("grad_cam", "prompt_cam"), cams.maps_of("grad_cam", "linear_probe")
+    )
+    with pytest.raises(KeyError, match="no maps"):
+        cams.maps_of("prompt_cam", "linear_probe")
+
+
+def test_paper_claim_within_the_prompt_cam_model() -> None:
+    from promptcam.evaluation.tables import paper_claim
+
+    def table(insertion: list[float], deletion: list[float]) -> pd.DataFrame:
+        methods = ["prompt_cam", "grad_cam", "random", "grad_cam"]
+        models = ["prompt_cam", "prompt_cam", "prompt_cam", "linear_probe"]
+        return pd.DataFrame(
+            {"method": methods, "model": models, "insertion": insertion, "deletion": deletion}
+        )
+
+    # The probe's baseline scores better, but it is another model: the claim holds.
+    holds = paper_claim(table([0.8, 0.6, 0.5, 0.99], [0.1, 0.2, 0.5, 0.01]))
+    assert holds["holds"] and holds["best_insertion"] == "prompt_cam"
+    fails = paper_claim(table([0.8, 0.9, 0.5, 0.0], [0.1, 0.2, 0.05, 1.0]))
+    assert not fails["highest_insertion"] and not fails["lowest_deletion"]
+    assert (fails["best_insertion"], fails["best_deletion"]) == ("grad_cam", "random")
+    with pytest.raises(ValueError, match="no Prompt-CAM row"):
+        paper_claim(table([0.8, 0.9, 0.5, 0.0], [0.1, 0.2, 0.05, 1.0]).iloc[3:])
+
+
+def test_cam_maps_file_is_checked(tmp_path) -> None:
+    from promptcam.evaluation.tables import read_cam_maps, write_cam_maps
+
+    maps = np.zeros((2, 3, 4, 4))
+    with pytest.raises(ValueError, match="expected \\(images, methods, h, w\\)"):
+        write_cam_maps(tmp_path / "m.npz", ["a", "b"], ["x", "y"], ["p", "p"], maps)
+    assert not (tmp_path / "m.npz").exists()
+    write_cam_maps(tmp_path / "m.npz", ["a", "b"], ["x", "y", "z"], ["p", "p", "q"], maps)
+    read = read_cam_maps(tmp_path / "m.npz")
+    assert read.image.tolist() == ["a", "b"] and read.maps.dtype == np.float32
+    np.savez(tmp_path / "bad.npz", image=np.array(["a"]))
+    with pytest.raises(ValueError, match="rerun the fidelity rule"):
+        read_cam_maps(tmp_path / "bad.npz")
 
 
 def test_fidelity_curves_are_the_mean_curves_of_the_aucs(rank_outputs) -> None:
@@ -330,35 +586,36 @@ def test_fidelity_curves_are_the_mean_curves_of_the_aucs(rank_outputs) -> None:
     )
 
     out = rank_outputs["out"] / "curves"
-    config = FidelityConfig(steps=4, max_images=3, random_regions=2, batch_size=2)
-    table = run_rank_fidelity(
-        checkpoint=rank_outputs["checkpoint"],
-        shards_dir=rank_outputs["shards"],
-        rank="genus",
-        trait_maps=rank_outputs["maps"],
-        out_tsv=out / "fidelity.tsv",
-        out_counterfactual=out / "counterfactual.json",
-        out_curves=out / "fidelity_curves.tsv",
-        config=config,
-    )
+    table = run_fidelity(rank_outputs, out, batch_size=2)
     curves = read_fidelity_curves(out / "fidelity_curves.tsv")
     assert tuple(curves.columns) == FIDELITY_CURVE_COLUMNS
     # Two batches (batch_size 2, 3 images); 16 patches, 4 steps: 5 points per curve.
     assert len(curves) == len(table) * 2 * 5
     assert (curves["n_images"] == 3).all()
-    for _, curve in curves.groupby(["method", "mode"]):
+    for _, curve in curves.groupby(["method", "model", "mode"]):
         assert curve["step"].tolist() == list(range(5))
         np.testing.assert_allclose(curve["fraction"], [0, 0.25, 0.5, 0.75, 1])
         assert curve["probability"].between(0, 1).all()
-    aucs = fidelity_curve_aucs(curves).pivot(index="method", columns="mode", values="auc")
-    aucs = aucs.loc[table["method"]]
+    keys = ["method", "model"]
+    aucs = fidelity_curve_aucs(curves).pivot(index=keys, columns="mode", values="auc")
+    aucs = aucs.loc[list(zip(table["method"], table["model"], strict=True))]
     for mode in ("insertion", "deletion"):
         np.testing.assert_allclose(aucs[mode], table[mode], rtol=0, atol=1e-9)
         # auc() of the mean curve: the trapezoid rule is linear in the curve.
-        for method, expected in zip(table["method"], table[mode], strict=True):
-            curve = curves[(curves["method"] == method) & (curves["mode"] == mode)]
+        for (method, model), expected in zip(aucs.index, table[mode], strict=True):
+            curve = curves[
+                (curves["method"] == method) & (curves["model"] == model) & (curves["mode"] == mode)
+            ]
             area = auc(curve["fraction"].to_numpy(), curve["probability"].to_numpy()[None])[0]
             assert abs(area - expected) < 1e-9
+        # Clean images at the ends: deletion starts, insertion ends, at the clean probability.
+        ends = curves[
+            (curves["mode"] == mode) & (curves["step"] == (4 if mode == "insertion" else 0))
+        ]
+        clean = ends.groupby("model")["probability"].agg(["min", "max"])
+        np.testing.assert_allclose(clean["min"], clean["max"], atol=1e-6)
+        expected_clean = table.groupby("model")["clean_probability"].first()
+        np.testing.assert_allclose(clean["min"], expected_clean.loc[clean.index], atol=1e-6)
 
 
 def test_fidelity_curves_file_is_checked(tmp_path) -> None:

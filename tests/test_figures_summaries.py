@@ -19,7 +19,9 @@ from promptcam.evaluation.tables import (
     read_confusion,
     read_fidelity,
     read_fidelity_curves,
+    read_localization_table,
     write_confusion_tsv,
+    write_localization_table,
 )
 from promptcam.figures import summaries
 from promptcam.figures.confusion import build_confusion, cluster_order, row_normalised
@@ -53,7 +55,8 @@ def tiny_curves(results: Path, tmp_path_factory) -> dict[str, Path]:
 
     out = tmp_path_factory.mktemp("curves")
     config = FidelityConfig(
-        steps=4, max_images=4, batch_size=16, random_regions=2, threads=1, device="cpu",
+        steps=4, max_images=4, batch_size=16, random_regions=2, random_maps=2, threads=1,
+        device="cpu",
         linear_probe={"c_grid": [0.1, 1.0], "max_iter": 200},
     )  # fmt: skip
     curves = {}
@@ -67,6 +70,7 @@ def tiny_curves(results: Path, tmp_path_factory) -> dict[str, Path]:
             out_tsv=out / rank / "fidelity.tsv",
             out_counterfactual=out / rank / "counterfactual.json",
             out_curves=out / rank / "fidelity_curves.tsv",
+            out_cam_maps=out / rank / "cam_maps.npz",
             config=config,
         )
         curves[rank] = out / rank / "fidelity_curves.tsv"
@@ -258,18 +262,29 @@ def test_confusion_of_150_classes_clusters_and_drops_names(tmp_path: Path) -> No
 
 def test_fidelity_curves_and_their_aucs(tiny_curves: dict[str, Path], tmp_path: Path) -> None:
     fig = built(summaries.build_fidelity_curves, curves=tiny_curves)
-    axes = np.array([ax for ax in fig.axes if ax.lines]).reshape(2, len(CURVE_RANKS))
+    panels = [(model, mode) for model in ("prompt_cam", "linear_probe")
+              for mode in ("insertion", "deletion")]  # fmt: skip
+    axes = np.array([ax for ax in fig.axes if ax.lines]).reshape(len(panels), len(CURVE_RANKS))
     for column, path in enumerate(tiny_curves.values()):
         curves = read_fidelity_curves(path)
         table = read_fidelity(path.with_name("fidelity.tsv"))
-        for row, mode in enumerate(("insertion", "deletion")):
+        for row, (model, mode) in enumerate(panels):
             ax = axes[row, column]
+            rows = table[table["model"] == model]
+            assert "random" in set(rows["method"])
             labels = [t.get_text() for t in ax.get_legend().get_texts()]
-            assert labels == [f"{v:.2f}" for v in table[mode]]  # the AUCs of fidelity.tsv
-            for line, method in zip(ax.lines, table["method"], strict=True):
-                curve = curves[(curves["method"] == method) & (curves["mode"] == mode)]
+            assert labels == [f"{v:.2f}" for v in rows[mode]]  # the AUCs of fidelity.tsv
+            assert len(ax.lines) == len(rows)
+            for line, method in zip(ax.lines, rows["method"], strict=True):
+                curve = curves[
+                    (curves["method"] == method)
+                    & (curves["model"] == model)
+                    & (curves["mode"] == mode)
+                ]
                 np.testing.assert_allclose(line.get_xdata(), 100 * curve["fraction"])
                 np.testing.assert_allclose(line.get_ydata(), curve["probability"])
+            clean = [t.get_text() for t in ax.texts if t.get_text().startswith("clean")]
+            assert clean == [f"clean {rows['clean_probability'].iloc[0]:.2f}"]
     plt.close(fig)
     stem = tmp_path / "fidelity"
     written = summaries.draw_fidelity_curves(curves=tiny_curves, out_stem=stem, style=STYLE)
@@ -279,28 +294,71 @@ def test_fidelity_curves_and_their_aucs(tiny_curves: dict[str, Path], tmp_path: 
 # ----------------------------------------------------------------------------- localization
 
 
-def test_localization_bars_chance_and_specificity(results: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def localization_tables(tmp_path_factory) -> dict[str, Path]:
+    """localization.tsv per rank from hand-made maps (the tiny run predates the table): every
+    kind of row, one baseline per model, one rank without masks (nothing scored)."""
+    from promptcam.evaluation.localization import fit_fixed_place_prior, localization_rows
+
+    out = tmp_path_factory.mktemp("localization")
+    rng = np.random.default_rng(0)
+    files = {}
+    for rank, images in zip(RANKS, (12, 12, 0), strict=True):
+        coverage = (rng.random((images, 4, 4)) < 0.2).astype(float)
+        maps = rng.random((images, 3, 4, 4))
+        table = localization_rows(
+            maps=maps, kept=rng.random((images, 3)) < 0.6,
+            order=np.tile(np.arange(3), (images, 1)), coverage=coverage,
+            baselines={("grad_cam", "linear_probe"): rng.random((images, 4, 4)),
+                       ("layer_cam", "prompt_cam"): rng.random((images, 4, 4))},
+            prior=fit_fixed_place_prior(coverage),
+        )  # fmt: skip
+        files[rank] = out / f"{rank}.tsv"
+        write_localization_table(files[rank], table)
+    return files
+
+
+def test_localization_bars_chance_and_specificity(
+    results: Path, localization_tables: dict[str, Path], tmp_path: Path
+) -> None:
     files = per_rank(results, "localization.json")
     reports = {rank: json.loads(path.read_text()) for rank, path in files.items()}
-    fig = built(summaries.build_localization, localization=files)
-    pointing_ax, energy_ax, heat_ax = fig.axes[:3]
-
-    def percent(value) -> float:
-        return np.nan if value is None else 100 * value
-
-    for ax, key in ((pointing_ax, "pointing_game"), (energy_ax, "energy_in_mask")):
-        kept = [percent(r[key]) for r in reports.values()]
-        mean = [percent(r["mean_map"][rank][key]) for rank, r in reports.items()]
-        expected = [v for v in kept + mean if not np.isnan(v)]
-        np.testing.assert_allclose(bar_heights(ax), expected)
+    fig = built(summaries.build_localization, localization=files, tables=localization_tables)
+    bar_axes, heat_ax = fig.axes[:6], fig.axes[6]
+    # Bars in drawing order: Prompt-CAM's own rows, the baselines on its model, on the probe,
+    # then the random map; both chance levels over each bar.
+    order = ["prompt_cam_top_head", "prompt_cam_kept_heads", "prompt_cam_kept_heads_pooled",
+             "prompt_cam_best_fixed_head", "layer_cam", "grad_cam", "random"]  # fmt: skip
+    for row, metric in enumerate(("pointing_game", "energy_in_mask")):
+        for column, rank in enumerate(RANKS):
+            ax = bar_axes[row * 3 + column]
+            table = read_localization_table(localization_tables[rank]).set_index("method")
+            expected = 100 * table.loc[order, metric].to_numpy(np.float64)
+            widths = [p.get_width() for p in ax.patches if isinstance(p, Rectangle)]
+            np.testing.assert_allclose(widths, expected[~np.isnan(expected)])
+            chance = sorted(
+                segment[0][0]
+                for lines in ax.collections
+                if isinstance(lines, LineCollection)
+                for segment in lines.get_segments()
+            )
+            levels = table[[f"{metric}_uniform_chance", f"{metric}_fixed_place"]].to_numpy()
+            np.testing.assert_allclose(chance, sorted(100 * levels[~np.isnan(levels)]))
+            if rank == "species":  # no masks: nothing drawn, each row says n/a
+                assert not widths and "n/a" in [t.get_text() for t in ax.texts]
+    labels = [t.get_text() for t in bar_axes[0].get_yticklabels()]
+    assert labels[3].startswith("Best fixed head (") and labels[-1] == "Random map"
     heat = np.ma.filled(heat_ax.collections[0].get_array(), np.nan).reshape(3, 3)
     expected = [
-        [percent(r["by_trait"][t]["pointing_game"]) for t in RANKS] for r in reports.values()
-    ]
+        [100 * r["by_trait"][t]["pointing_game"] if r["by_trait"][t]["pointing_game"] is not None
+         else np.nan for t in RANKS] for r in reports.values()
+    ]  # fmt: skip
     np.testing.assert_allclose(heat, expected)
     plt.close(fig)
     stem = tmp_path / "localization"
-    written = summaries.draw_localization(localization=files, out_stem=stem, style=STYLE)
+    written = summaries.draw_localization(
+        localization=files, tables=localization_tables, out_stem=stem, style=STYLE
+    )
     check_files(written, stem, 2)
 
 

@@ -26,13 +26,19 @@ from figure_checks import assert_fonts_embedded_truetype, assert_png_shows_somet
 from promptcam.config import all_runtime_keys, config_section, validate_config
 from promptcam.data.metadata import read_label_map
 from promptcam.data.taxonomy import classes_at_rank, load_taxonomy
+from promptcam.evaluation.tables import read_heads_table, read_localization_table
 from promptcam.io import sha256_file
 from promptcam.model.checkpoint import load_checkpoint
 
 RANKS = ("family", "genus", "species")
 N_CLASSES = {"family": 2, "genus": 4, "species": 8}
 N_IMAGES = 2 * 2 * 2 * 10  # pipeline_tiny: 2x2x2 species, 10 images each
-PER_RANK_JOBS = {"train", "evaluate", "traits", "localization", "fidelity"}
+PER_RANK_JOBS = {"train", "evaluate", "traits", "heads", "localization", "fidelity"}
+PER_RANK_FIGURES = {"trait_panels", "trait_gallery", "cross_class_figure", "confusion_figure"}
+# Figures across ranks: each reads every rank's files, so any rank's rerun redraws them.
+CROSS_RANK_FIGURES = {"coarse_to_fine", "tree_overview", "accuracy_figure",
+                      "training_curves_figure", "fidelity_curves_figure",
+                      "counterfactual_figure", "localization_figure"}  # fmt: skip
 TIMEOUT_S = 900
 TINY_EPOCHS = yaml.safe_load(
     (Path(__file__).parent / "configs" / "pipeline_tiny.yaml").read_text()
@@ -171,6 +177,14 @@ def test_pipeline_writes_every_contract_file(tiny_run):
                 value,
             )
         localized += localization["n_images"] > 0
+        # Every method's localisation with both chance levels, and one row per head.
+        table = read_localization_table(out / "localization.tsv")
+        assert {"prompt_cam_top_head", "prompt_cam_kept_heads", "random"} <= set(table["method"])
+        assert {"prompt_cam", "linear_probe"} <= set(table["model"])
+        assert table["pointing_game_fixed_place"].notna().all() or localization["n_images"] == 0
+        heads = read_heads_table(out / "heads.tsv")
+        assert heads["head"].tolist() == list(range(model.num_heads)), heads
+        assert heads["class_information"].map(is_share).all(), heads
 
         # Fidelity: Prompt-CAM against at least four baseline CAMs.
         fidelity = pd.read_csv(out / "fidelity.tsv", sep="\t")
@@ -285,6 +299,8 @@ RUNTIME_EDITS = {
     "traits.device": "auto",
     "traits.fidelity.device": "auto",
     "traits.fidelity.threads": 2,
+    "traits.heads.device": "cpu",
+    "traits.heads.threads": 1,
     "traits.threads": 2,
 }
 
@@ -317,7 +333,8 @@ def test_editing_one_ranks_settings_reruns_that_rank_only(tiny_run, repo_root, r
 
     proc = run(run_command, snakemake_cmd(repo_root, workdir, edited, "--dry-run"), workdir)
     jobs = planned_jobs(proc.stdout)
-    assert jobs - {("all", None)} == {(rule, "genus") for rule in PER_RANK_JOBS}, proc.stdout
+    expected = {(rule, "genus") for rule in PER_RANK_JOBS | PER_RANK_FIGURES}
+    assert jobs - {("all", None)} == expected | {(r, None) for r in CROSS_RANK_FIGURES}, proc.stdout
     train_genus = next(b for b in proc.stdout.split("\n\n") if "rule train:" in b)
     assert "Params have changed" in train_genus, train_genus
 
@@ -355,4 +372,6 @@ def test_forcerun_retrains_one_rank_and_leaves_the_others(
     assert after["genus"]["traits.parquet"] == before["genus"]["traits.parquet"]
     proc = run(run_command, snakemake_cmd(repo_root, workdir, configfile, "--dry-run"), workdir)
     jobs = planned_jobs(proc.stdout) - {("all", None)}
-    assert jobs == {(rule, "genus") for rule in ("traits", "localization", "fidelity")}, proc.stdout
+    stale = {"traits", "heads", "localization", "fidelity"} | PER_RANK_FIGURES
+    expected = {(rule, "genus") for rule in stale} | {(r, None) for r in CROSS_RANK_FIGURES}
+    assert jobs == expected, proc.stdout

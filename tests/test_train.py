@@ -37,11 +37,19 @@ from promptcam.io import sha256_file
 from promptcam.model.checkpoint import load_checkpoint, trainable_state
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import BackboneSpec, PromptCAMConfig
+from promptcam.training.hierarchy import (
+    path_accuracy,
+    read_parent_indices,
+    read_sibling_groups,
+    sibling_groups,
+    top_down_predictions,
+    within_sibling_predictions,
+)
 from promptcam.training.metrics import METRICS_COLUMNS, read_metrics
 from promptcam.training.runtime import autocast
 from promptcam.training.settings import TrainConfig
 from promptcam.training.state import STATE_FORMAT
-from promptcam.training.steps import learning_rate, sample_classes
+from promptcam.training.steps import learning_rate, sample_classes, sibling_cross_entropy
 from promptcam.training.train import train_rank
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -470,3 +478,111 @@ def test_sampled_classes_train_the_scalable_layout_only(
     assert metrics["val_loss"].iloc[-1] < 0.8 * metrics["val_loss"].iloc[0]
     with pytest.raises(ValueError, match=r"needs model\.layout: scalable"):
         train(tiny, tmp_path / "reference", config, rank="genus", model_config={})
+
+
+# --- The sibling objective (objective: siblings) and top-down inference (issue 21) ---
+
+
+def test_sibling_groups_and_parents_come_from_the_label_maps(tiny: SimpleNamespace) -> None:
+    # Genus maps: Caeruleus0, Caeruleus1 (Caeruleidae), Rubrus0, Rubrus1 (Rubridae).
+    genus_groups = read_sibling_groups(tiny.labels / "genus.tsv")
+    assert genus_groups.tolist() == [0, 0, 1, 1]
+    assert read_sibling_groups(tiny.labels / "family.tsv").tolist() == [0, 0]  # one group
+    parents = read_parent_indices(tiny.labels / "genus.tsv", tiny.labels / "family.tsv")
+    assert parents.tolist() == [0, 0, 1, 1]
+    with pytest.raises(ValueError, match=r"genus.tsv: parents \['Caeruleidae'"):
+        read_parent_indices(tiny.labels / "genus.tsv", tiny.labels / "genus.tsv")
+    assert sibling_groups(["b", "a", "b", "c"]).tolist() == [0, 1, 0, 2]
+
+
+def test_sibling_loss_is_the_softmax_over_the_parents_classes() -> None:
+    scores = torch.tensor([[2.0, -1.0, 5.0, 0.5], [0.3, 4.0, 1.0, -2.0]])
+    groups = torch.tensor([0, 0, 1, 1])
+    labels = torch.tensor([1, 2])
+    # By hand: image 0 (class 1) against classes 0 and 1; image 1 (class 2) against 2 and 3.
+    first = -math.log(math.exp(-1.0) / (math.exp(2.0) + math.exp(-1.0)))
+    second = -math.log(math.exp(1.0) / (math.exp(1.0) + math.exp(-2.0)))
+    loss = sibling_cross_entropy(scores, labels, groups)
+    assert math.isclose(float(loss), (first + second) / 2, rel_tol=1e-6)
+    # One group: exactly the flat cross-entropy.
+    one = torch.zeros(4, dtype=torch.long)
+    assert torch.equal(sibling_cross_entropy(scores, labels, one), F.cross_entropy(scores, labels))
+
+
+def test_classes_outside_the_parents_group_get_no_gradient() -> None:
+    torch.manual_seed(0)
+    scores = torch.randn(2, 4, requires_grad=True)
+    groups = torch.tensor([0, 0, 1, 1])
+    sibling_cross_entropy(scores, torch.tensor([1, 2]), groups).backward()
+    outside = torch.tensor([[False, False, True, True], [True, True, False, False]])
+    assert torch.all(scores.grad[outside] == 0)
+    assert torch.all(scores.grad[~outside] != 0)
+
+    # Through a scalable-layout model (class prompts never attend to each other): an image
+    # of class 1 leaves the prompts of classes 2 and 3 untouched.
+    spec = BackboneSpec(name="vit_custom", kwargs=dict(TINY_VIT))
+    model = PromptCAM(spec, PromptCAMConfig(num_classes=4, **SCALABLE, prompt_dropout=0.0))
+    images = torch.randn(1, 3, 32, 32)
+    sibling_cross_entropy(model(images), torch.tensor([1]), groups).backward()
+    grad = model.class_prompts.grad
+    assert torch.all(grad[2:] == 0) and torch.all(grad[:2].abs().sum(dim=1) > 0)
+
+
+def test_top_down_reads_each_rank_among_the_predicted_parents_children() -> None:
+    family = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    # Genus classes 0, 1 under family 0; 2, 3 under family 1.
+    genus = np.array([[0.1, 0.2, 0.9, 0.0], [0.5, 0.0, 0.1, 0.3], [0.0, 0.7, 0.2, 0.1]])
+    parents = [None, np.array([0, 0, 1, 1])]
+    predicted = top_down_predictions([family, genus], parents)
+    assert [p.tolist() for p in predicted] == [[0, 1, 0], [1, 3, 1]]  # flat genus: 2, 0, 1
+    labels = [np.array([0, 1, 0]), np.array([1, 3, 0])]
+    assert path_accuracy(predicted, labels) == pytest.approx(2 / 3)
+    within = within_sibling_predictions(genus, labels[1], parents[1])
+    assert within.tolist() == [1, 3, 1]
+    with pytest.raises(ValueError, match="need their parents"):
+        top_down_predictions([family, genus], [None, np.array([0, 1])])
+
+
+def test_sibling_objective_settings_are_checked() -> None:
+    assert TrainConfig().objective == "flat"
+    with pytest.raises(ValueError, match="objective must be one of"):
+        TrainConfig(objective="hierarchical")
+    with pytest.raises(ValueError, match="unset sampled_classes"):
+        TrainConfig(objective="siblings", sampled_classes=32)
+
+
+def test_at_the_coarsest_rank_siblings_train_exactly_the_flat_model(
+    tiny: SimpleNamespace, tmp_path: Path
+) -> None:
+    # One parent for all families: same softmax, same selection, so the same tensors.
+    flat = train(tiny, tmp_path / "flat", small_config(epochs=2))
+    siblings = train(tiny, tmp_path / "siblings", small_config(epochs=2, objective="siblings"))
+    assert_same_tensors(checkpoint_tensors(siblings), checkpoint_tensors(flat))
+    flat_metrics = read_metrics(tmp_path / "flat" / "metrics.tsv")
+    sibling_metrics = read_metrics(tmp_path / "siblings" / "metrics.tsv")
+    assert list(flat_metrics.columns) == list(METRICS_COLUMNS)  # the flat file is unchanged
+    assert list(sibling_metrics.columns) == [*METRICS_COLUMNS, "val_sibling_top1"]
+    for column in ("train_loss", "train_top1", "val_loss", "val_top1"):
+        assert sibling_metrics[column].tolist() == flat_metrics[column].tolist(), column
+    assert sibling_metrics["val_sibling_top1"].tolist() == flat_metrics["val_top1"].tolist()
+
+
+def test_sibling_objective_learns_genus_within_family_and_selects_on_it(
+    tiny: SimpleNamespace, tmp_path: Path
+) -> None:
+    config = small_config(epochs=20, warmup_epochs=2, objective="siblings")
+    model_path = train(tiny, tmp_path, config, rank="genus")
+    metrics = read_metrics(tmp_path / "metrics.tsv")
+    extra = torch.load(model_path, weights_only=True)["extra"]
+    assert extra["selected_on"] == "val_sibling_top1"
+    best = metrics["val_sibling_top1"].max()
+    assert extra["best_epoch"] == int(metrics["val_sibling_top1"].idxmax()) + 1
+    assert extra["best_val_sibling_top1"] == pytest.approx(best, abs=1e-6)
+    # Chance within a family's two genera: 0.5. One run (seed 0) reached 1.0 (12 of 12 val
+    # images) at epoch 14 (flat val top-1 then 0.33: scores of different families are never
+    # compared); 0.9 allows one miss.
+    assert best >= 0.9
+    # The sibling loss starts at log 2 (two genera per family) and falls.
+    first, last = metrics["train_loss"].iloc[:3].mean(), metrics["train_loss"].iloc[-3:].mean()
+    assert first == pytest.approx(math.log(2), abs=0.05)
+    assert last < 0.85 * first  # 0.73 in that run

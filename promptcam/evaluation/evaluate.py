@@ -4,7 +4,10 @@
 
 - ``eval.json``: ``top1``, ``top5`` (top-k with k = min(5, C), k stored as ``top5_k``),
   ``n_test``, ``per_class`` (``{name: {"n": ..., "top1": ...}}``, ``top1`` null for a class
-  without test images), ``linear_probe_top1`` and the probe's settings, ``interpretability_cost``
+  without test images), ``linear_probe_top1`` and the ``linear_probe`` block (its settings, the C
+  chosen by validation log-loss, and its top-1 and calibration on train/val/test: ``log_loss``,
+  ``true_class_probability``, ``ece``; see :mod:`promptcam.evaluation.linear_probe`),
+  ``interpretability_cost``
   (linear probe top-1 minus Prompt-CAM top-1: what the shared-head constraint costs), chance
   level and what the checkpoint was selected on;
 - ``confusion.tsv``: counts, one row per true class, one column per predicted class, named.

@@ -10,10 +10,18 @@ Insertion and deletion (Petsiuk et al., RISE, BMVC 2018), at patch resolution:
   blur is Gaussian, RISE's ``klen=11, nsig=5`` at 224 px: sigma = 5 px and an 11 px kernel,
   both scaled with the image side (the kernel rounded to the next odd size).
 * The score is the softmax probability of the image's **true class**, from the model that the
-  map explains (Prompt-CAM's maps by Prompt-CAM, the baselines' by the linear probe).
+  map explains. Two models: the Prompt-CAM model (its own maps, the mean of the kept heads'
+  attention, and the post-hoc baselines computed on it, the gradient of its score ``s[c]``)
+  and the linear probe on the same frozen backbone (the baselines computed on it). Methods are
+  compared within one model: an AUC depends on the model's confidence as much as on the map.
 * AUC: trapezoid rule over the fractions. Insertion: higher is better; deletion: lower is better.
   The mean curve over the images (``fidelity_curves.tsv``) has the mean AUC as its area: the
   trapezoid rule is linear in the curve.
+* Two references per model: the ``random`` method (``random_maps`` random patch rankings per
+  image, seeded, its curve and AUC the mean over them: what a map with no information scores),
+  and the clean-image probability; ``insertion_norm``/``deletion_norm`` are the AUCs divided by
+  the model's mean true-class probability on the clean images (a map that deletes nothing that
+  matters keeps a deletion_norm near 1).
 
 Counterfactual check, on correctly classified images: blank (mean colour) the region of the
 image's top trait, the ``region_patches`` highest patches of the most important head's map
@@ -38,7 +46,7 @@ from torch import Tensor
 
 from promptcam.config import settings_from_config
 from promptcam.data.reader import TransformConfig, split_loader
-from promptcam.evaluation.tables import write_fidelity_curves
+from promptcam.evaluation.tables import write_cam_maps, write_fidelity_curves
 from promptcam.io import atomic_open, write_json
 from promptcam.progress import ProgressLines
 from promptcam.traits.tables import read_trait_maps
@@ -46,6 +54,7 @@ from promptcam.traits.tables import read_trait_maps
 LOGGER = logging.getLogger(__name__)
 
 __all__ = [
+    "FIDELITY_METHODS",
     "FidelityConfig",
     "auc",
     "blurred_copy",
@@ -67,6 +76,17 @@ COUNTERFACTUAL_KEYS = (
     "random_probability_drop",
 )
 ScoreFn = Callable[[Tensor], Tensor]
+Method = tuple[str, str]  # (method, model)
+PROMPT_CAM, LINEAR_PROBE, RANDOM = "prompt_cam", "linear_probe", "random"
+BASELINE_METHODS = ("grad_cam", "layer_cam", "eigen_cam", "attention_rollout")  # cams.CAM_METHODS
+# The rows of fidelity.tsv and the columns of cam_maps.npz, in that order.
+FIDELITY_METHODS: tuple[Method, ...] = (
+    (PROMPT_CAM, PROMPT_CAM),
+    *((method, PROMPT_CAM) for method in BASELINE_METHODS),
+    (RANDOM, PROMPT_CAM),
+    *((method, LINEAR_PROBE) for method in BASELINE_METHODS),
+    (RANDOM, LINEAR_PROBE),
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +101,7 @@ class FidelityConfig:
     batch_size: int = 64
     region_fraction: float = 0.1
     random_regions: int = 10
+    random_maps: int = 3
     seed: int = 0
     threads: int = 1
     num_workers: int = 0
@@ -95,6 +116,8 @@ class FidelityConfig:
             raise ValueError(f"region_fraction must be in (0, 1), got {self.region_fraction}")
         if self.random_regions < 1:
             raise ValueError(f"random_regions must be positive, got {self.random_regions}")
+        if self.random_maps < 1:
+            raise ValueError(f"random_maps must be positive, got {self.random_maps}")
 
 
 # ----------------------------------------------------------------------------- perturbation
@@ -312,6 +335,30 @@ def _fit_probe(
     return LinearProbe.from_sklearn(model.backbone, pipeline, probe_config.pool).to(device).eval()
 
 
+@dataclass
+class _Accumulated:
+    """Per-image curves of every (method, model) and clean probabilities of every model, batch by
+    batch; and every test image's maps (all images, not only the scored ones)."""
+
+    fractions: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    curves: dict[Method, dict[str, list[np.ndarray]]] = field(default_factory=dict)
+    clean: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    image_ids: list[str] = field(default_factory=list)
+    maps: list[np.ndarray] = field(default_factory=list)  # (B, M, h, w) per batch
+
+    def add_curves(
+        self, method: Method, mode: str, fractions: np.ndarray, values: np.ndarray
+    ) -> None:
+        self.fractions = fractions
+        self.curves.setdefault(method, {}).setdefault(mode, []).append(values)
+
+    def mean_curve(self, method: Method, mode: str) -> np.ndarray:
+        return np.concatenate(self.curves[method][mode]).mean(axis=0)
+
+    def clean_probability(self, model: str) -> float:
+        return float(np.concatenate(self.clean[model]).mean())
+
+
 def _method_curves(
     score_fn: ScoreFn,
     images: Tensor,
@@ -329,49 +376,132 @@ def _method_curves(
     }
 
 
-def _model_of(method: str) -> str:
-    """The model a method's maps explain and are scored by."""
-    return "prompt_cam" if method == "prompt_cam" else "linear_probe"
+def _random_curves(
+    score_fn: ScoreFn,
+    images: Tensor,
+    labels: Tensor,
+    random_maps: Tensor,
+    baselines: Mapping[str, Tensor],
+    config: FidelityConfig,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Like :func:`_method_curves`, each image's curve the mean over maps (R, N, h, w)."""
+    draws = [
+        _method_curves(score_fn, images, labels, maps, baselines, config) for maps in random_maps
+    ]
+    return {
+        mode: (draws[0][mode][0], np.mean([draw[mode][1] for draw in draws], axis=0))
+        for mode in baselines
+    }
 
 
-def _fidelity_table(
-    aucs: Mapping[str, Mapping[str, list[np.ndarray]]], n_images: int
-) -> pd.DataFrame:
-    return pd.DataFrame(
-        [
+def _fidelity_table(scores: _Accumulated, n_images: int) -> pd.DataFrame:
+    rows = []
+    for method, model in FIDELITY_METHODS:
+        clean = scores.clean_probability(model)
+        aucs = {
+            mode: float(auc(scores.fractions, scores.mean_curve((method, model), mode)[None])[0])
+            for mode in ("insertion", "deletion")
+        }
+        rows.append(
             {
                 "method": method,
-                "model": _model_of(method),
-                "insertion": float(np.concatenate(modes["insertion"]).mean()),
-                "deletion": float(np.concatenate(modes["deletion"]).mean()),
+                "model": model,
+                **aucs,
+                "insertion_norm": aucs["insertion"] / clean,
+                "deletion_norm": aucs["deletion"] / clean,
+                "clean_probability": clean,
                 "n_images": n_images,
             }
-            for method, modes in aucs.items()
-        ]
-    )
+        )
+    return pd.DataFrame(rows)
 
 
-def _curves_table(
-    fractions: np.ndarray, curves: Mapping[str, Mapping[str, list[np.ndarray]]], n_images: int
-) -> pd.DataFrame:
-    """Long table of the mean curves: one row per method, mode and step."""
+def _curves_table(scores: _Accumulated, n_images: int) -> pd.DataFrame:
+    """Long table of the mean curves: one row per method, model, mode and step."""
     rows = []
-    for method, modes in curves.items():
-        for mode, batches in modes.items():
-            mean = np.concatenate(batches).mean(axis=0)
+    for method, model in FIDELITY_METHODS:
+        for mode in ("insertion", "deletion"):
+            mean = scores.mean_curve((method, model), mode)
             rows.extend(
                 {
                     "method": method,
-                    "model": _model_of(method),
+                    "model": model,
                     "mode": mode,
                     "step": step,
                     "fraction": float(fraction),
                     "probability": float(probability),
                     "n_images": n_images,
                 }
-                for step, (fraction, probability) in enumerate(zip(fractions, mean, strict=True))
+                for step, (fraction, probability) in enumerate(
+                    zip(scores.fractions, mean, strict=True)
+                )
             )
     return pd.DataFrame(rows)
+
+
+def _batch_maps(
+    model: Any,
+    probe: Any,
+    images: Tensor,
+    labels: Tensor,
+    prompt_cam_maps: np.ndarray,
+    random_map: Tensor,
+) -> dict[Method, Tensor]:
+    """Every method's maps (B, h, w) of one batch, on the CPU, keyed as FIDELITY_METHODS."""
+    from promptcam.evaluation.cams import compute_cams, compute_prompt_cam_cams
+
+    maps: dict[Method, Tensor] = {(PROMPT_CAM, PROMPT_CAM): torch.from_numpy(prompt_cam_maps)}
+    for name, cam in compute_prompt_cam_cams(model, images, labels, BASELINE_METHODS).items():
+        maps[(name, PROMPT_CAM)] = cam.float().cpu()
+    maps[(RANDOM, PROMPT_CAM)] = random_map
+    for name, cam in compute_cams(probe, images, labels, BASELINE_METHODS).items():
+        maps[(name, LINEAR_PROBE)] = cam.float().cpu()
+    maps[(RANDOM, LINEAR_PROBE)] = random_map
+    return maps
+
+
+def _score_batch(
+    scores: _Accumulated,
+    score_fns: Mapping[str, ScoreFn],
+    images: Tensor,
+    labels: Tensor,
+    maps: Mapping[Method, Tensor],
+    random_maps: Tensor,
+    config: FidelityConfig,
+) -> None:
+    """Insertion/deletion curves of every method, and the clean probabilities, of one batch."""
+    baselines = {
+        "insertion": blurred_copy(
+            images, config.blur_sigma, config.blur_kernel, config.blur_reference_size
+        ),
+        "deletion": mean_colour(images),
+    }
+    device = images.device
+    for model_name, score_fn in score_fns.items():
+        scores.clean.setdefault(model_name, []).append(
+            _target_probability(score_fn(images), labels).double().cpu().numpy()
+        )
+    for method, model_name in FIDELITY_METHODS:
+        score_fn = score_fns[model_name]
+        if method == RANDOM:
+            method_curves = _random_curves(
+                score_fn, images, labels, random_maps.to(device), baselines, config
+            )
+        else:
+            saliency = maps[(method, model_name)][: len(images)].to(device)
+            method_curves = _method_curves(score_fn, images, labels, saliency, baselines, config)
+        for mode, (fractions, values) in method_curves.items():
+            scores.add_curves((method, model_name), mode, fractions, values)
+
+
+def _prompt_cam_rows(row_of: Mapping[str, int], sample_ids: Any, trait_maps: object) -> np.ndarray:
+    missing = [sample_id for sample_id in sample_ids if sample_id not in row_of]
+    if missing:
+        raise ValueError(
+            f"{trait_maps}: no maps of test images {missing[:3]}...; rerun the traits rule on "
+            "these shards"
+        )
+    return np.array([row_of[sample_id] for sample_id in sample_ids])
 
 
 def run_rank_fidelity(
@@ -383,22 +513,25 @@ def run_rank_fidelity(
     out_tsv: str | os.PathLike,
     out_counterfactual: str | os.PathLike,
     out_curves: str | os.PathLike,
+    out_cam_maps: str | os.PathLike,
     config: FidelityConfig,
     backbone_weights: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
-    """Insertion/deletion AUC of Prompt-CAM and the probe's CAMs, and the counterfactual check,
-    on the first ``max_images`` test images (all by default); Prompt-CAM's maps come from the
-    traits rule's ``trait_maps.npz``.
+    """Insertion/deletion AUC of every (method, model) of :data:`FIDELITY_METHODS`, and the
+    counterfactual check, on the first ``max_images`` test images (all by default); every
+    method's maps of *all* test images. Prompt-CAM's maps come from the traits rule's
+    ``trait_maps.npz``.
 
-    ``fidelity.tsv``: ``method`` (prompt_cam, grad_cam, layer_cam, eigen_cam,
-    attention_rollout), ``model`` (prompt_cam or linear_probe: the model explained and
-    scored), ``insertion``, ``deletion`` (mean AUCs), ``n_images``. ``fidelity_curves.tsv``
-    (``out_curves``): the mean curves, one row per method, mode and step (see
+    ``fidelity.tsv``: one row per ``method`` (prompt_cam, grad_cam, layer_cam, eigen_cam,
+    attention_rollout, random) and ``model`` (prompt_cam or linear_probe: the model explained
+    and scored), see :func:`promptcam.evaluation.tables.read_fidelity`. ``fidelity_curves.tsv``
+    (``out_curves``): the mean curves, one row per method, model, mode and step (see
     :func:`promptcam.evaluation.tables.write_fidelity_curves`); their trapezoid areas are the
-    mean AUCs of ``fidelity.tsv``. ``counterfactual.json``: :func:`counterfactual_report` and
-    the settings.
+    mean AUCs of ``fidelity.tsv``. ``cam_maps.npz`` (``out_cam_maps``): every method's map of
+    every test image, in test-shard order (:func:`promptcam.evaluation.tables.write_cam_maps`;
+    ``random`` is its first random map). ``counterfactual.json``: :func:`counterfactual_report`
+    and the settings.
     """
-    from promptcam.evaluation.cams import compute_cams
     from promptcam.model.checkpoint import load_checkpoint
     from promptcam.training.runtime import resolve_device
 
@@ -407,15 +540,17 @@ def run_rank_fidelity(
     model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
     model.to(device)
     probe = _fit_probe(model, shards_dir, rank, meta, config, device)
+    score_fns: dict[str, ScoreFn] = {PROMPT_CAM: model, LINEAR_PROBE: probe}
     stored = read_trait_maps(trait_maps)
     row_of = stored.row_of()
-    num_patches = stored.map_shape[-2] * stored.map_shape[-1]
+    grid = tuple(stored.map_shape[-2:])
+    num_patches = grid[0] * grid[1]
     region_patches = max(1, round(config.region_fraction * num_patches))
     generator = torch.Generator().manual_seed(config.seed)
+    # A stream of its own: the counterfactual's random regions stay those of earlier runs.
+    map_generator = torch.Generator().manual_seed(config.seed + 1)
 
-    aucs: dict[str, dict[str, list[np.ndarray]]] = {}
-    curves: dict[str, dict[str, list[np.ndarray]]] = {}
-    fractions = np.zeros(0)
+    scores = _Accumulated()
     flips: dict[str, list[np.ndarray]] = {}
     seen = 0
     lines = ProgressLines()
@@ -431,33 +566,33 @@ def run_rank_fidelity(
         device,
     )
     for images, labels, batch_meta in loader:
+        images, labels = images.to(device), labels.to(device)
+        sample_ids = list(batch_meta["sample_id"])
+        rows = _prompt_cam_rows(row_of, sample_ids, trait_maps)
+        maps, kept, order = stored.read_maps(rows), stored.kept[rows], stored.order[rows]
+        random_maps = torch.rand(config.random_maps, len(labels), *grid, generator=map_generator)
+        saliency = _batch_maps(
+            model, probe, images, labels, prompt_cam_saliency(maps, kept, order), random_maps[0]
+        )
+        scores.image_ids.extend(sample_ids)
+        scores.maps.append(torch.stack([saliency[m] for m in FIDELITY_METHODS], dim=1).numpy())
         take = (
             len(labels) if config.max_images is None else min(len(labels), config.max_images - seen)
         )
         if take <= 0:
-            break
+            continue  # past max_images: maps only
         seen += take
-        images, labels = images[:take].to(device), labels[:take].to(device)
-        rows = np.array([row_of[sample_id] for sample_id in batch_meta["sample_id"][:take]])
-        maps, kept, order = stored.read_maps(rows), stored.kept[rows], stored.order[rows]
-        saliency = {"prompt_cam": torch.from_numpy(prompt_cam_saliency(maps, kept, order))}
-        saliency.update(compute_cams(probe, images, labels))
-        baselines = {
-            "insertion": blurred_copy(
-                images, config.blur_sigma, config.blur_kernel, config.blur_reference_size
-            ),
-            "deletion": mean_colour(images),
-        }
         with torch.inference_mode():
-            for method, method_maps in saliency.items():
-                score_fn = model if method == "prompt_cam" else probe
-                method_curves = _method_curves(
-                    score_fn, images, labels, method_maps.to(device), baselines, config
-                )
-                for mode, (fractions, values) in method_curves.items():
-                    aucs.setdefault(method, {}).setdefault(mode, []).append(auc(fractions, values))
-                    curves.setdefault(method, {}).setdefault(mode, []).append(values)
-            searched = np.nonzero(order[:, 0] >= 0)[0]
+            _score_batch(
+                scores,
+                score_fns,
+                images[:take],
+                labels[:take],
+                saliency,
+                random_maps[:, :take],
+                config,
+            )
+            searched = np.nonzero(order[:take, 0] >= 0)[0]
             if len(searched):
                 chosen = torch.from_numpy(searched).to(device)
                 top_maps = top_head_maps(maps[searched], order[searched])
@@ -472,14 +607,21 @@ def run_rank_fidelity(
                 )
                 for key, values in result.items():
                     flips.setdefault(key, []).append(values)
-        lines.report("%d test images (%.0f s)", seen, lines.elapsed())
+        lines.report("%d test images scored (%.0f s)", seen, lines.elapsed())
     if not seen:
         raise ValueError(f"no test images for rank {rank!r} in {shards_dir}")
-    table = _fidelity_table(aucs, seen)
+    table = _fidelity_table(scores, seen)
     LOGGER.info("%s: fidelity on %d test images\n%s", rank, seen, table.to_string(index=False))
     with atomic_open(out_tsv, "w", newline="") as handle:
         table.to_csv(handle, sep="\t", index=False)
-    write_fidelity_curves(out_curves, _curves_table(fractions, curves, seen))
+    write_fidelity_curves(out_curves, _curves_table(scores, seen))
+    write_cam_maps(
+        out_cam_maps,
+        scores.image_ids,
+        [method for method, _ in FIDELITY_METHODS],
+        [model_name for _, model_name in FIDELITY_METHODS],
+        np.concatenate(scores.maps),
+    )
     report = counterfactual_report(
         {key: np.concatenate(values) for key, values in flips.items()}
         or {"top_flipped": np.zeros(0)}
@@ -498,11 +640,13 @@ def run_rank_fidelity(
     LOGGER.info("%s: counterfactual %s", rank, report)
     write_json(out_counterfactual, report)
     lines.report(
-        "wrote %s, %s and %s: %d test images, %d methods (%.0f s)",
+        "wrote %s, %s, %s and %s: %d of %d test images scored, %d rows (%.0f s)",
         out_tsv,
         out_curves,
+        out_cam_maps,
         out_counterfactual,
         seen,
+        len(scores.image_ids),
         len(table),
         lines.elapsed(),
         force=True,

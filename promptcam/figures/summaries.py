@@ -23,11 +23,13 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from promptcam.evaluation.tables import (
+    FIDELITY_MODES,
     fidelity_curve_aucs,
     read_counterfactual,
     read_eval_report,
     read_fidelity_curves,
     read_localization,
+    read_localization_table,
 )
 from promptcam.figures.confusion import build_confusion, draw_confusion
 from promptcam.figures.style import FigureStyle, new_figure, save_figure, styled
@@ -54,6 +56,7 @@ METHOD_NAMES = {
     "layer_cam": "Layer-CAM",
     "eigen_cam": "Eigen-CAM",
     "attention_rollout": "Attention rollout",
+    "random": "Random map",
 }
 CHANCE_STYLE = {"color": "0.2", "linestyle": (0, (3, 2)), "linewidth": 0.8}
 BAR_GROUP_WIDTH = 0.8
@@ -256,44 +259,49 @@ def method_name(method: str) -> str:
     return METHOD_NAMES.get(method, method.replace("_", " "))
 
 
+FIDELITY_MODELS = {"prompt_cam": "Prompt-CAM model", "linear_probe": "Linear probe"}
+FIDELITY_PANEL_MM = 50  # height of one (model, mode) row of panels, its AUC legend included
+
+
 def build_fidelity_curves(*, curves: Mapping[str, Path], style: FigureStyle) -> Figure:
-    """Insertion (top row) and deletion (bottom row) curves, one column per rank; each panel's
-    legend gives each method's area under the curve."""
+    """One row of panels per model and mode (the Prompt-CAM model's insertion and deletion,
+    then the linear probe's), one column per rank: each method's mean curve on the model it
+    explains, beside a random map's (grey, dotted). Each panel's legend gives the AUCs; its
+    corner, the model's clean-image probability (what the AUCs are normalised by)."""
     tables = _read_each(curves, read_fidelity_curves, "fidelity_curves.tsv")
-    methods = list(dict.fromkeys(m for table in tables.values() for m in table["method"]))
+    methods = list(
+        dict.fromkeys(m for table in tables.values() for m in table["method"] if m != "random")
+    )
     palette = dict(zip(methods, sns.color_palette(style.palette, len(methods)), strict=True))
-    modes = ("insertion", "deletion")
-    fig = new_figure(style, 2, 112)
-    grid = fig.subplots(2, len(tables), sharey=True, squeeze=False)
+    palette["random"] = (0.45, 0.45, 0.45)
+    models = [m for m in FIDELITY_MODELS if any(m in set(t["model"]) for t in tables.values())]
+    panels = [(model, mode) for model in models for mode in FIDELITY_MODES]
+    fig = new_figure(style, 2, FIDELITY_PANEL_MM * len(panels))
+    grid = fig.subplots(len(panels), len(tables), sharey=True, squeeze=False)
     panel_mm = style.width_mm(2) / len(tables)
     for column, (rank, table) in enumerate(tables.items()):
-        aucs = fidelity_curve_aucs(table).set_index(["method", "mode"])["auc"]
+        aucs = fidelity_curve_aucs(table).set_index(["method", "model", "mode"])["auc"]
         n_images = int(table["n_images"].max())
-        for row, mode in enumerate(modes):
+        for row, (model, mode) in enumerate(panels):
             ax = grid[row, column]
-            for (method, model), curve in table[table["mode"] == mode].groupby(
-                ["method", "model"], sort=False
-            ):
+            rows = table[(table["mode"] == mode) & (table["model"] == model)]
+            for method, curve in rows.groupby("method", sort=False):
                 curve = curve.sort_values("step")
                 ax.plot(
                     100 * curve["fraction"],
                     curve["probability"],
-                    **_curve_style(palette[method], model),
-                    label=f"{aucs[(method, mode)]:.2f}",
+                    **_curve_style(palette[method], method),
+                    label=f"{aucs[(method, model, mode)]:.2f}",
                 )
-            ax.set_xlim(0, 100)
-            ax.set_ylim(0, 1.02)
-            ax.xaxis.set_major_formatter(PercentFormatter(decimals=0))
-            ax.set_xlabel(f"Patches {'inserted' if mode == 'insertion' else 'deleted'}")
-            if column == 0:
-                ax.set_ylabel(f"True-class probability\n({mode})")
+            _fidelity_axes(ax, rows, model, mode, row == len(panels) - 1, column == 0)
             if row == 0:
                 ax.set_title(f"{rank_label(rank)} (n = {n_images})")
+            entries = rows["method"].nunique()
             ax.legend(
                 title=f"{mode.capitalize()} AUC",
                 loc="upper center",
-                bbox_to_anchor=(0.5, -0.32),
-                ncols=len(methods) if panel_mm >= AUC_ENTRY_MM * len(methods) else 3,
+                bbox_to_anchor=(0.5, -0.18 if row < len(panels) - 1 else -0.32),
+                ncols=entries if panel_mm >= AUC_ENTRY_MM * entries else 3,
                 frameon=False,
                 handlelength=1.2,
                 handletextpad=0.4,
@@ -301,27 +309,48 @@ def build_fidelity_curves(*, curves: Mapping[str, Path], style: FigureStyle) -> 
                 borderaxespad=0,
             )
             sns.despine(ax=ax)
-    models = dict(table[["method", "model"]].drop_duplicates().to_numpy())
     handles = [
-        Line2D([], [], **_curve_style(palette[m], models.get(m, "")), label=method_name(m))
-        for m in methods
+        Line2D([], [], **_curve_style(palette[m], m), label=method_name(m))
+        for m in [*methods, "random"]
     ]
     _legend_above(fig, handles)
     return fig
 
 
-def _curve_style(color: Any, model: str) -> dict[str, Any]:
-    """Prompt-CAM's own maps solid; the baselines (maps of the linear probe) dashed."""
-    if model == "prompt_cam":
-        return {"color": color, "linewidth": 1.2, "linestyle": "-"}
+def _fidelity_axes(
+    ax: Axes, rows: pd.DataFrame, model: str, mode: str, bottom: bool, left: bool
+) -> None:
+    """Limits, labels and the clean-image probability of one (model, mode) panel."""
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 1.02)
+    ax.xaxis.set_major_formatter(PercentFormatter(decimals=0))
+    if bottom:
+        ax.set_xlabel("Patches inserted or deleted")
+    if left:
+        ax.set_ylabel(f"{FIDELITY_MODELS[model]}\n{mode}: true-class prob.")
+    # The clean image: where deletion starts and insertion ends.
+    clean_step = rows["step"].max() if mode == "insertion" else 0
+    clean = rows.loc[rows["step"] == clean_step, "probability"].mean()
+    ax.text(0.98, 0.98 if mode == "deletion" else 0.04, f"clean {clean:.2f}",
+            transform=ax.transAxes, ha="right", va="top" if mode == "deletion" else "bottom",
+            color="0.3")  # fmt: skip
+
+
+def _curve_style(color: Any, method: str) -> dict[str, Any]:
+    """Prompt-CAM's own maps solid and wider, the baselines dashed, the random map dotted."""
+    if method == "prompt_cam":
+        return {"color": color, "linewidth": 1.3, "linestyle": "-"}
+    if method == "random":
+        return {"color": color, "linewidth": 0.9, "linestyle": (0, (1, 1.2))}
     return {"color": color, "linewidth": 0.9, "linestyle": (0, (4, 1.5))}
 
 
 def draw_fidelity_curves(
     *, curves: Mapping[str, Path], out_stem: Path, style: FigureStyle
 ) -> list[Path]:
-    """Mean insertion and deletion curves (fidelity_curves.tsv) of every method, one panel
-    column per rank, AUC in each legend; Prompt-CAM solid, the probe's baselines dashed."""
+    """Mean insertion and deletion curves (fidelity_curves.tsv) of every method, one row of
+    panels per model and mode, one column per rank, AUC in each legend; Prompt-CAM solid, the
+    baselines dashed, a random map dotted."""
     with styled(style):
         return save_figure(build_fidelity_curves(curves=curves, style=style), out_stem, style)
 
@@ -337,22 +366,91 @@ def _score(scores: Mapping[str, Any], key: str) -> float:
     return np.nan if value is None else 100 * float(value)
 
 
-def localization_tables(
-    reports: Mapping[str, Mapping[str, Any]], metric: str
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """``metric`` and its chance (%) per rank (rows) and method (columns: the kept heads, and
-    the mean of each image's kept maps where the file has it)."""
-    values: dict[str, list[float]] = {}
-    chance: dict[str, list[float]] = {}
-    for rank, report in reports.items():
-        methods = {"Kept heads": report}
-        if rank in report.get("mean_map", {}):
-            methods["Mean of kept maps"] = report["mean_map"][rank]
-        for name, scores in methods.items():
-            values.setdefault(name, []).append(_score(scores, metric))
-            chance.setdefault(name, []).append(_score(scores, f"{metric}_chance"))
-    index = [rank_label(rank) for rank in reports]
-    return pd.DataFrame(values, index=index), pd.DataFrame(chance, index=index)
+LOCALIZATION_METHOD_NAMES = {
+    "prompt_cam_top_head": "Top head",
+    "prompt_cam_kept_heads": "Kept heads, mean map",
+    "prompt_cam_kept_heads_pooled": "Kept heads, pooled",
+    "prompt_cam_best_fixed_head": "Best fixed head",
+    "random": "Random map",
+}
+LOCALIZATION_MODELS = {"prompt_cam": "Prompt-CAM model", "linear_probe": "Linear probe"}
+FIXED_PLACE_STYLE = {"color": "#b2182b", "linestyle": (0, (1, 1)), "linewidth": 1.0}
+LOCALIZATION_METRICS = (
+    ("pointing_game", "Pointing game on own trait"),
+    ("energy_in_mask", "Energy in own trait mask"),
+)
+
+
+def localization_method_label(method: str, fixed_head: Any = None) -> str:
+    """``prompt_cam_best_fixed_head`` with head 6 -> ``Best fixed head (6)``; baselines by
+    :func:`method_name`."""
+    label = LOCALIZATION_METHOD_NAMES.get(method) or method_name(method)
+    if method == "prompt_cam_best_fixed_head" and not pd.isna(fixed_head):
+        label += f" ({int(fixed_head)})"
+    return label
+
+
+def localization_bars(table: pd.DataFrame) -> pd.DataFrame:
+    """``localization.tsv``'s rows in drawing order (grouped by model: Prompt-CAM's own
+    methods, the baselines on the Prompt-CAM model, those on the probe, then the rest), with
+    ``label`` and the bar's ``y`` (a gap between groups)."""
+    order = {"prompt_cam": 0, "linear_probe": 1}
+    own = table["method"].str.startswith("prompt_cam").to_numpy()
+    group = np.where(own, 0, 1 + table["model"].map(order).fillna(2).to_numpy())
+    rows = table.assign(group=group, position=np.arange(len(table)))
+    rows = rows.sort_values(["group", "position"], kind="stable").reset_index(drop=True)
+    rows["y"] = np.arange(len(rows)) + 0.6 * (rows["group"].rank(method="dense") - 1)
+    rows["label"] = [
+        localization_method_label(m, h)
+        for m, h in zip(rows["method"], rows["fixed_head"], strict=True)
+    ]
+    return rows
+
+
+def _bar_colors(rows: pd.DataFrame, style: FigureStyle) -> list[Any]:
+    palette = sns.color_palette(style.palette)
+    colors = {"prompt_cam": palette[0], "linear_probe": palette[1]}
+    return [colors.get(model, "0.6") for model in rows["model"]]
+
+
+def _axis_limit(tables: Sequence[pd.DataFrame], metric: str) -> float:
+    """The x limit (%) of a metric's panels: 100 for the pointing game; for energy, which is
+    small for spread maps, the largest value or chance level shown, rounded up to 10%."""
+    if metric == "pointing_game":
+        return 100.0
+    columns = [metric, f"{metric}_uniform_chance", f"{metric}_fixed_place"]
+    largest = max(float(np.nanmax(t[columns].to_numpy(np.float64), initial=0)) for t in tables)
+    return float(min(100.0, 10 * np.ceil(100 * largest * 1.12 / 10) or 10))
+
+
+def _localization_panel(
+    ax: Axes, rows: pd.DataFrame, metric: str, style: FigureStyle, labelled: bool, limit: float
+) -> None:
+    """Horizontal bars of ``metric`` (%) per method, both chance levels over each bar."""
+    values = 100 * rows[metric].to_numpy(np.float64)
+    shown = ~np.isnan(values)
+    y = rows["y"].to_numpy(np.float64)
+    colors = np.array(_bar_colors(rows, style), dtype=object)
+    ax.barh(y[shown], values[shown], 0.8, color=list(colors[shown]))
+    size = max(5.0, style.font_size - 1.5)
+    for at, value in zip(y, values, strict=True):
+        text = "n/a" if np.isnan(value) else f"{value:.0f}"
+        ax.annotate(
+            text, (0 if np.isnan(value) else value, at), xytext=(1, 0),
+            textcoords="offset points", va="center", ha="left", fontsize=size, color="0.15",
+            bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.2, "alpha": 0.8}, zorder=4,
+        )  # fmt: skip
+    for column, line in (("uniform_chance", CHANCE_STYLE), ("fixed_place", FIXED_PLACE_STYLE)):
+        level = 100 * rows[f"{metric}_{column}"].to_numpy(np.float64)
+        at = ~np.isnan(level)
+        ax.vlines(level[at], y[at] - 0.45, y[at] + 0.45, **line, zorder=3)
+    ax.set_yticks(y, list(rows["label"]) if labelled else [])
+    ax.set_ylim(y.max() + 0.7 if len(y) else 1, -0.7)
+    ax.set_xlim(0, limit)
+    ax.xaxis.set_major_formatter(PercentFormatter(decimals=0))
+    ax.xaxis.set_major_locator(MaxNLocator(5))
+    ax.tick_params(axis="y", length=0)
+    sns.despine(ax=ax)
 
 
 def specificity_table(reports: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
@@ -366,29 +464,24 @@ def specificity_table(reports: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     )  # fmt: skip
 
 
-def build_localization(*, localization: Mapping[str, Path], style: FigureStyle) -> Figure:
-    """Pointing game and energy in mask per rank with chance; and the pointing game of each
-    rank's kept heads against each rank's trait (heat map)."""
-    reports = _read_each(localization, read_localization, "localization.json")
-    for rank, report in reports.items():
-        _require(report, LOCALIZATION_KEYS, Path(localization[rank]), "localization")
-    fig = new_figure(style, 2, 62)
-    pointing_ax, energy_ax, heat_ax = fig.subplots(1, 3, width_ratios=[1, 1, 1.15])
-    colors = sns.color_palette(style.palette)
-    for ax, metric, label in (
-        (pointing_ax, "pointing_game", "Pointing game (peak in trait)"),
-        (energy_ax, "energy_in_mask", "Attention energy in trait mask"),
-    ):
-        values, chance = localization_tables(reports, metric)
-        grouped_bars(ax, values, colors, chance)
-        _percent_axis(ax, label)
-        ax.set_xlabel("Rank of the model")
-    handles, _ = pointing_ax.get_legend_handles_labels()
-    _legend_above(fig, [*handles, _chance_handle()])
+def _localization_legend(fig: Figure, style: FigureStyle) -> None:
+    palette = sns.color_palette(style.palette)
+    handles = [
+        Rectangle((0, 0), 1, 1, color=palette[0], label=LOCALIZATION_MODELS["prompt_cam"]),
+        Rectangle((0, 0), 1, 1, color=palette[1], label=LOCALIZATION_MODELS["linear_probe"]),
+        Rectangle((0, 0), 1, 1, color="0.6", label="No model"),
+        Line2D([], [], **CHANCE_STYLE, label="Uniform chance"),
+        Line2D([], [], **FIXED_PLACE_STYLE, label="Fixed-place prior (train masks)"),
+    ]
+    _legend_above(fig, handles)
+
+
+def _specificity_heat_map(ax: Axes, reports: Mapping[str, Any], style: FigureStyle) -> None:
+    """Pointing game of each rank's kept heads (rows) on each rank's trait (columns)."""
     table = specificity_table(reports)
     sns.heatmap(
         table,
-        ax=heat_ax,
+        ax=ax,
         vmin=0,
         vmax=100,
         cmap=style.attention_cmap,
@@ -403,25 +496,64 @@ def build_localization(*, localization: Mapping[str, Path], style: FigureStyle) 
     for row, rank in enumerate(table.index):
         if rank in table.columns:
             column = list(table.columns).index(rank)
-            heat_ax.add_patch(
+            ax.add_patch(
                 Rectangle((column, row), 1, 1, fill=False, edgecolor="black", linewidth=1.2)
             )
-    heat_ax.set_xlabel("Rank of the trait (own trait outlined)")
-    heat_ax.set_ylabel("Rank of the model")
-    heat_ax.tick_params(length=0)
-    heat_ax.set_yticklabels(heat_ax.get_yticklabels(), rotation=0)
+    ax.set_title("Kept heads (pooled) on every rank's trait", loc="left")
+    ax.set_xlabel("Rank of the trait (own trait outlined)")
+    ax.set_ylabel("Rank of the model")
+    ax.tick_params(length=0)
+    ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
+
+
+def build_localization(
+    *, localization: Mapping[str, Path], tables: Mapping[str, Path], style: FigureStyle
+) -> Figure:
+    """Per rank (columns), every method's pointing game (top row) and energy in mask (middle
+    row) on the rank's own trait, from ``localization.tsv``, grouped by model, with the uniform
+    chance and the fixed-place prior over each bar; below, the pointing game of each rank's
+    kept heads against each rank's trait (``localization.json``, heat map)."""
+    reports = _read_each(localization, read_localization, "localization.json")
+    for rank, report in reports.items():
+        _require(report, LOCALIZATION_KEYS, Path(localization[rank]), "localization")
+    frames = _read_each(tables, read_localization_table, "localization.tsv")
+    fig = new_figure(style, 2, 190)
+    # Sub-figures keep the heat map's width from pulling the bar panels' columns apart.
+    bars_fig, heat_fig = fig.subfigures(2, 1, height_ratios=[2, 0.65])
+    grid = bars_fig.subplots(len(LOCALIZATION_METRICS), len(frames), squeeze=False)
+    limits = {
+        metric: _axis_limit(list(frames.values()), metric) for metric, _ in LOCALIZATION_METRICS
+    }
+    for column, (rank, table) in enumerate(frames.items()):
+        rows = localization_bars(table)
+        n_images = int(rows["n_images"].max()) if len(rows) else 0
+        for row, (metric, label) in enumerate(LOCALIZATION_METRICS):
+            ax = grid[row, column]
+            _localization_panel(ax, rows, metric, style, column == 0, limits[metric])
+            ax.set_xlabel(label)
+            if row == 0:
+                ax.set_title(f"{rank_label(rank)} (n = {n_images})")
+    _localization_legend(fig, style)
+    heat_ax = heat_fig.add_subplot(heat_fig.add_gridspec(1, 3)[0, :2])
+    _specificity_heat_map(heat_ax, reports, style)
     return fig
 
 
 def draw_localization(
-    *, localization: Mapping[str, Path], out_stem: Path, style: FigureStyle
+    *,
+    localization: Mapping[str, Path],
+    tables: Mapping[str, Path],
+    out_stem: Path,
+    style: FigureStyle,
 ) -> list[Path]:
-    """Pointing game and energy in mask of the kept heads per rank (localization.json) with
-    the chance level, and the coarse-to-fine specificity heat map (rank of the model x rank of
-    the trait); two columns wide."""
+    """Every method's pointing game and energy in mask per rank (localization.tsv) with the
+    uniform chance and the fixed-place prior, and the coarse-to-fine specificity heat map
+    (localization.json: rank of the model x rank of the trait); two columns wide."""
     with styled(style):
         return save_figure(
-            build_localization(localization=localization, style=style), out_stem, style
+            build_localization(localization=localization, tables=tables, style=style),
+            out_stem,
+            style,
         )
 
 

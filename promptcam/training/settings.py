@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+OBJECTIVES = ("flat", "siblings")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -33,6 +35,10 @@ class TrainConfig:
     compile: bool = False
     # bf16 autocast on a GPU; off: fp32 there too.
     mixed_precision: bool = True
+    # flat: softmax over all the rank's classes. siblings: over the classes sharing the
+    # image's parent only (labels/{rank}.tsv's parent column; promptcam.training.hierarchy),
+    # selected on val top-1 within siblings and read top-down.
+    objective: str = "flat"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
@@ -41,6 +47,13 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be in [0, epochs]: {self}")
         if self.num_workers < 0 or self.threads < 1 or self.shuffle_buffer < 0:
             raise ValueError(f"num_workers, shuffle_buffer >= 0 and threads >= 1: {self}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, not {self.objective!r}")
+        if self.objective == "siblings" and self.sampled_classes is not None:
+            raise ValueError(
+                "objective siblings scores each image against its siblings only, which the "
+                "sampled softmax's uniform draw would estimate badly: unset sampled_classes"
+            )
         if self.sampled_classes is not None and self.sampled_classes < self.batch_size:
             raise ValueError(
                 f"sampled_classes ({self.sampled_classes}) must be at least batch_size "

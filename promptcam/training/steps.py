@@ -1,5 +1,5 @@
 """One training epoch: the learning-rate schedule, the optimizer, the sampled softmax for large C,
-and validation."""
+the sibling softmax (objective siblings), and validation."""
 
 from __future__ import annotations
 
@@ -66,6 +66,25 @@ def sample_classes(labels: Tensor, num_classes: int, num_scored: int | None) -> 
     return ClassSample(classes=torch.cat([own, drawn]), targets=targets, logit_offset=offset)
 
 
+def sibling_mask(groups: Tensor, labels: Tensor) -> Tensor:
+    """(B, C) bool: class j is a sibling of image i's class (same group, itself included).
+
+    ``groups``: (C,) each class's group (:func:`promptcam.training.hierarchy.sibling_groups`).
+    """
+    return groups[None, :] == groups[labels][:, None]
+
+
+def sibling_scores(scores: Tensor, labels: Tensor, groups: Tensor) -> Tensor:
+    """``scores`` (B, C) with every class outside the image's sibling group at -inf: the
+    softmax over them is the softmax over the siblings, and those classes get no gradient."""
+    return scores.masked_fill(~sibling_mask(groups, labels), float("-inf"))
+
+
+def sibling_cross_entropy(scores: Tensor, labels: Tensor, groups: Tensor) -> Tensor:
+    """Mean cross-entropy of each image's class among its siblings (the parent given)."""
+    return F.cross_entropy(sibling_scores(scores, labels, groups), labels)
+
+
 @dataclass
 class EpochStats:
     lr: float
@@ -85,7 +104,10 @@ def train_one_epoch(
     config: TrainConfig,
     device: torch.device,
     progress: tqdm,
+    groups: Tensor | None = None,
 ) -> EpochStats:
+    """One pass over ``loader``. ``groups`` (C,) on ``device``: the sibling objective (loss
+    and train top-1 over each image's siblings); None: the flat softmax."""
     model.train()
     # Sums stay on the device: reading them every step would stall a GPU's queue.
     loss_sum = torch.zeros((), device=device)
@@ -98,7 +120,12 @@ def train_one_epoch(
         sample = sample_classes(labels, num_classes, config.sampled_classes)
         with autocast(device, config.mixed_precision):
             scores = model(images, sample.classes)
-        loss = F.cross_entropy(scores.float() + sample.logit_offset, sample.targets)
+        if groups is None:
+            loss = F.cross_entropy(scores.float() + sample.logit_offset, sample.targets)
+        else:
+            # Settings refuse sampled_classes here, so the scores are all C in order.
+            scores = sibling_scores(scores.float(), labels, groups)
+            loss = F.cross_entropy(scores, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -116,3 +143,23 @@ def validate(model: PromptCAM, loader: DataLoader, device: torch.device) -> tupl
     """(loss, top-1) on the validation split."""
     scores, labels = collect_scores(model, loader, device)
     return mean_loss(scores, labels), topk_accuracy(scores, labels, 1)
+
+
+@dataclass(frozen=True)
+class SiblingValidation:
+    loss: float  # the sibling cross-entropy (the objective)
+    top1: float  # flat: argmax over every class
+    sibling_top1: float  # argmax among the true class's siblings (the parent given)
+
+
+def validate_siblings(
+    model: PromptCAM, loader: DataLoader, device: torch.device, groups: Tensor
+) -> SiblingValidation:
+    """Validation of the sibling objective, whose scores compare within a group only."""
+    scores, labels = collect_scores(model, loader, device)
+    within = sibling_scores(scores, labels, groups.cpu())
+    return SiblingValidation(
+        loss=float(F.cross_entropy(within, labels)),
+        top1=topk_accuracy(scores, labels, 1),
+        sibling_top1=topk_accuracy(within, labels, 1),
+    )

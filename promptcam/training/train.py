@@ -13,9 +13,18 @@ Large C (scalable layout): ``sampled_classes`` scores per step only the batch's 
 others drawn uniformly (:func:`sample_classes`, a sampled softmax), so that a step's last-block
 cost follows that number instead of C. Validation and evaluation always score every class.
 
+Objective (``TrainConfig.objective``): ``flat``, the reference's softmax over all the rank's
+classes; ``siblings``, a softmax over the classes sharing the image's parent only (the parent
+column of ``labels/{rank}.tsv``; :mod:`promptcam.training.hierarchy`), so that genus prompts
+learn what separates the genera of a family and species prompts what separates the species
+of a genus. At the coarsest rank (one parent) the two are the same computation.
+
 Precision: bf16 autocast on a GPU (the model's attention already uses fused SDPA), fp32 on the
 CPU. The model is selected on the *validation* split: the epoch with the best val top-1, the
-earlier one on ties. The test split is never read here.
+earlier one on ties. Under ``siblings`` that is the val top-1 among the true class's siblings
+(``val_sibling_top1``): the scores of different groups are never compared in training, so a
+flat argmax over them is not what the model learnt; the sibling top-1 is the rank's accuracy
+in top-down inference when the ranks above are right. The test split is never read here.
 
 Outputs in ``out_dir``:
 
@@ -24,7 +33,8 @@ Outputs in ``out_dir``:
 - ``metrics.tsv``: one row per finished epoch (``epoch`` counts from 1, ``lr`` at the epoch's
   last step, ``train_loss``, ``train_top1``, ``val_loss``, ``val_top1``, ``seconds``; with
   ``sampled_classes`` the train columns are over each step's scored classes, validation
-  always over all);
+  always over all; under ``siblings`` the losses and ``train_top1`` are over each image's
+  siblings, ``val_top1`` stays flat and a last column ``val_sibling_top1`` is added);
 - ``last.pt``: the training state after the last finished epoch (trainable tensors, optimizer
   with its momentum buffers, epochs done, which fixes the schedule position, the best epoch so
   far with its tensors, the metrics rows), removed when training completes.
@@ -67,6 +77,7 @@ from promptcam.model.checkpoint import load_trainable, save_checkpoint, trainabl
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import Preprocessing, PromptCAMConfig, backbone_spec
 from promptcam.progress import ProgressLines
+from promptcam.training.hierarchy import read_sibling_groups
 from promptcam.training.metrics import write_metrics
 from promptcam.training.runtime import resolve_device, seed_everything
 from promptcam.training.settings import TrainConfig
@@ -77,7 +88,12 @@ from promptcam.training.state import (
     save_training_state,
     start_or_resume,
 )
-from promptcam.training.steps import build_optimizer, train_one_epoch, validate
+from promptcam.training.steps import (
+    build_optimizer,
+    train_one_epoch,
+    validate,
+    validate_siblings,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -110,6 +126,28 @@ def resolve_transform(
         std=tuple(preprocessing.std),
         interpolation=preprocessing.interpolation,
     )
+
+
+SELECTION_NAMES = {"val_top1": "val top-1", "val_sibling_top1": "val top-1 within siblings"}
+
+
+def selection_metric(config: TrainConfig) -> str:
+    """The metrics column that selects the checkpoint (see the module docstring)."""
+    return "val_top1" if config.objective == "flat" else "val_sibling_top1"
+
+
+def _validation_row(
+    model: PromptCAM, loader: Any, device: torch.device, groups: torch.Tensor | None
+) -> dict[str, float]:
+    if groups is None:
+        val_loss, val_top1 = validate(model, loader, device)
+        return {"val_loss": val_loss, "val_top1": val_top1}
+    result = validate_siblings(model, loader, device, groups)
+    return {
+        "val_loss": result.loss,
+        "val_top1": result.top1,
+        "val_sibling_top1": result.sibling_top1,
+    }
 
 
 @contextlib.contextmanager
@@ -163,6 +201,10 @@ def train_rank(
             "the reference layout's class prompts attend to each other, so each step must "
             "score all of them: unset sampled_classes or switch the layout"
         )
+    groups = None
+    if config.objective == "siblings":
+        groups = torch.as_tensor(read_sibling_groups(labels_tsv), device=device)
+    selected_on = selection_metric(config)
     manifest = load_manifest(shards_dir)
     if split_size(manifest, "val") == 0:
         raise ValueError(f"{shards_dir} has no validation images: model selection needs some")
@@ -238,28 +280,31 @@ def train_rank(
                 config=config,
                 device=device,
                 progress=progress,
+                groups=groups,
             )
-            val_loss, val_top1 = validate(model, val_loader, device)
+            validation = _validation_row(model, val_loader, device, groups)
             row = {
                 "epoch": epoch + 1,
                 "lr": stats.lr,
                 "train_loss": stats.loss,
                 "train_top1": stats.top1,
-                "val_loss": val_loss,
-                "val_top1": val_top1,
+                **validation,
                 "seconds": time.perf_counter() - started,
             }
             history.append(row)
             # Strictly better only: on ties the earlier epoch stays selected.
-            if val_top1 > best["val_top1"]:
-                best = {"epoch": epoch + 1, "val_top1": val_top1, "tensors": trainable_state(model)}
+            val_top1 = row[selected_on]
+            if val_top1 > best.get(selected_on, -1.0):
+                scores = {k: row[k] for k in ("val_top1", selected_on)}
+                best = {"epoch": epoch + 1, **scores, "tensors": trainable_state(model)}
             progress.set_postfix(epoch=epoch + 1, loss=f"{stats.loss:.3f}", val=f"{val_top1:.3f}")
             LOGGER.info("%s epoch %d: %s", rank, epoch + 1, row)
             epoch_lines.report(
-                "epoch %d/%d loss %.3f val top-1 %.3f (%.0f s)",
+                "epoch %d/%d loss %.3f %s %.3f (%.0f s)",
                 epoch + 1,
                 config.epochs,
                 stats.loss,
+                SELECTION_NAMES[selected_on],
                 val_top1,
                 row["seconds"],
                 force=epoch + 1 == config.epochs,
@@ -287,9 +332,10 @@ def train_rank(
         preprocessing=model.preprocessing,
         extra={
             "rank": rank,
-            "selected_on": "val_top1",
+            "selected_on": selected_on,
             "best_epoch": best["epoch"],
             "best_val_top1": best["val_top1"],
+            **({} if groups is None else {"best_val_sibling_top1": best["val_sibling_top1"]}),
             "epochs": config.epochs,
             "train_config": dataclasses.asdict(config),
             "transform": dataclasses.asdict(transform),
@@ -299,10 +345,11 @@ def train_rank(
     # Finished: the state has served its purpose (a forced rerun trains afresh).
     state_path.unlink(missing_ok=True)
     epoch_lines.report(
-        "wrote %s: epoch %d selected (val top-1 %.4f)",
+        "wrote %s: epoch %d selected (%s %.4f)",
         model_path,
         best["epoch"],
-        best["val_top1"],
+        SELECTION_NAMES[selected_on],
+        best[selected_on],
         force=True,
     )
     return model_path

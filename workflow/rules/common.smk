@@ -117,7 +117,8 @@ def train_outputs():
 
 
 def trait_outputs():
-    """The traits stage's contract (rule all needs it); localisation only on the demo."""
+    """The traits stage's contract (rule all needs it); localisation files say so where the
+    data has no trait masks."""
     names = [
         "traits.parquet",
         "trait_maps.npz",
@@ -127,10 +128,12 @@ def trait_outputs():
         "cross_class.npz",
         "fidelity.tsv",
         "fidelity_curves.tsv",
+        "cam_maps.npz",
         "counterfactual.json",
+        "heads.tsv",
+        "localization.json",
+        "localization.tsv",
     ]
-    if is_demo():
-        names.append("localization.json")
     return [rank_result(rank, name) for rank in levels() for name in names]
 
 
@@ -205,10 +208,14 @@ def per_rank(name):
 
 
 def summary_figures():
-    """Stems of the summary figures across ranks; localisation needs trait masks (demo)."""
-    names = ["accuracy", "training_curves", "fidelity_curves", "counterfactual"]
-    if is_demo():
-        names.append("localization")
+    """Stems of the summary figures across ranks."""
+    names = [
+        "accuracy",
+        "training_curves",
+        "fidelity_curves",
+        "counterfactual",
+        "localization",
+    ]
     return [cross_rank_figure(name) for name in names]
 
 

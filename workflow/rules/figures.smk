@@ -246,7 +246,8 @@ rule counterfactual_figure:
 
 rule localization_figure:
     input:
-        per_rank("localization.json").values(),
+        reports=per_rank("localization.json").values(),
+        tables=per_rank("localization.tsv").values(),
     output:
         pdf=cross_rank_figure("localization.pdf"),
         png=report(

@@ -26,9 +26,34 @@ rule traits:
     resources:
         gpu=gpu_request(),
     params:
-        settings=rule_settings("traits", "localization", "fidelity"),
+        settings=rule_settings("traits", "localization", "fidelity", "heads"),
     script:
         "../../scripts/traits.py"
+
+
+rule heads:
+    input:
+        checkpoint=trained_model("{rank}"),
+        weights=backbone_weights(),
+        shards=shards_dir(),
+        maps=rank_result("{rank}", "trait_maps.npz"),
+    output:
+        rank_result("{rank}", "heads.tsv"),
+    log:
+        log_path("traits", "heads_{rank}"),
+    benchmark:
+        benchmark_path("traits", "heads_{rank}")
+    conda:
+        "../../envs/traits.yaml"
+    threads: min(config["traits"]["heads"]["threads"], config["max_threads"])
+    resources:
+        gpu=gpu_request(),
+    params:
+        settings=rule_settings("traits.heads"),
+        levels=levels(),
+        min_coverage=config["traits"]["localization"]["min_coverage"],
+    script:
+        "../../scripts/heads.py"
 
 
 rule localization:
@@ -37,15 +62,18 @@ rule localization:
         weights=backbone_weights(),
         shards=shards_dir(),
         maps=rank_result("{rank}", "trait_maps.npz"),
+        cam_maps=rank_result("{rank}", "cam_maps.npz"),
+        heads=rank_result("{rank}", "heads.tsv"),
     output:
-        rank_result("{rank}", "localization.json"),
+        report=rank_result("{rank}", "localization.json"),
+        table=rank_result("{rank}", "localization.tsv"),
     log:
         log_path("traits", "localization_{rank}"),
     benchmark:
         benchmark_path("traits", "localization_{rank}")
     conda:
         "../../envs/traits.yaml"
-    # Masks against stored maps: no model forward, so no GPU.
+    # Masks (test and train) against stored maps: no model forward, so no GPU.
     threads: 1
     params:
         levels=levels(),
@@ -64,6 +92,7 @@ rule fidelity:
         table=rank_result("{rank}", "fidelity.tsv"),
         counterfactual=rank_result("{rank}", "counterfactual.json"),
         curves=rank_result("{rank}", "fidelity_curves.tsv"),
+        cam_maps=rank_result("{rank}", "cam_maps.npz"),
     log:
         log_path("traits", "fidelity_{rank}"),
     benchmark:
