@@ -1,13 +1,14 @@
-"""Snakemake adapter for rule fidelity: see promptcam.evaluation.fidelity.run_rank_fidelity."""
+"""Snakemake adapter for rules fidelity and cam_maps: see promptcam.evaluation.fidelity
+(run_rank_fidelity, run_rank_cam_maps)."""
 
 from promptcam.config import runtime_settings, settings_from_config
-from promptcam.evaluation.fidelity import FidelityConfig, run_rank_fidelity
+from promptcam.evaluation.fidelity import FidelityConfig, run_rank_cam_maps, run_rank_fidelity
 from promptcam.joblog import job_log
 
 
 def main() -> None:
-    rank = snakemake.wildcards.rank
-    with job_log(snakemake.log[0], f"fidelity {rank}"):
+    rule, rank = snakemake.rule, snakemake.wildcards.rank
+    with job_log(snakemake.log[0], f"{rule} {rank}"):
         # Runtime keys are read from the config, not params, so changing them reruns nothing.
         runtime = {
             **runtime_settings(snakemake.config, "traits.fidelity"),
@@ -18,17 +19,22 @@ def main() -> None:
             **runtime,
             "linear_probe": snakemake.params.linear_probe,
         }
-        run_rank_fidelity(
-            checkpoint=snakemake.input.checkpoint,
-            shards_dir=snakemake.input.shards,
-            rank=rank,
-            trait_maps=snakemake.input.maps,
-            out_tsv=snakemake.output.table,
-            out_counterfactual=snakemake.output.counterfactual,
-            out_curves=snakemake.output.curves,
-            out_cam_maps=snakemake.output.cam_maps,
-            config=settings_from_config(FidelityConfig, settings, "traits.fidelity"),
-        )
+        inputs = {
+            "checkpoint": snakemake.input.checkpoint,
+            "shards_dir": snakemake.input.shards,
+            "rank": rank,
+            "trait_maps": snakemake.input.maps,
+            "config": settings_from_config(FidelityConfig, settings, "traits.fidelity"),
+        }
+        if rule == "cam_maps":
+            run_rank_cam_maps(**inputs, out_cam_maps=snakemake.output[0])
+        else:
+            run_rank_fidelity(
+                **inputs,
+                out_tsv=snakemake.output.table,
+                out_counterfactual=snakemake.output.counterfactual,
+                out_curves=snakemake.output.curves,
+            )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from promptcam.evaluation.fidelity import (
     patch_ranking,
     perturbation_curves,
     prompt_cam_saliency,
+    run_rank_cam_maps,
     run_rank_fidelity,
 )
 from promptcam.model.backbone import build_backbone
@@ -459,7 +460,7 @@ def test_localization_on_the_demo_masks(rank_outputs) -> None:
     from promptcam.evaluation.localization import run_rank_localization
 
     out = rank_outputs["out"] / "localization"
-    run_fidelity(rank_outputs, out, batch_size=8)  # cam_maps.npz: the baselines' maps
+    run_cam_maps(rank_outputs, out, batch_size=8)  # cam_maps.npz: the baselines' maps
     run_rank_localization(
         trait_maps=rank_outputs["maps"],
         checkpoint=rank_outputs["checkpoint"],
@@ -486,8 +487,18 @@ def run_fidelity(rank_outputs, out: Path, **settings) -> pd.DataFrame:
         out_tsv=out / "fidelity.tsv",
         out_counterfactual=out / "counterfactual.json",
         out_curves=out / "fidelity_curves.tsv",
-        out_cam_maps=out / "cam_maps.npz",
         config=FidelityConfig(steps=4, max_images=3, random_regions=2, random_maps=2, **settings),
+    )
+
+
+def run_cam_maps(rank_outputs, out: Path, **settings) -> int:
+    return run_rank_cam_maps(
+        checkpoint=rank_outputs["checkpoint"],
+        shards_dir=rank_outputs["shards"],
+        rank="genus",
+        trait_maps=rank_outputs["maps"],
+        out_cam_maps=out / "cam_maps.npz",
+        config=FidelityConfig(random_maps=2, **settings),
     )
 
 
@@ -525,7 +536,7 @@ def test_cam_maps_of_every_test_image(rank_outputs) -> None:
     from promptcam.traits.tables import read_trait_maps
 
     out = rank_outputs["out"] / "maps"
-    run_fidelity(rank_outputs, out, batch_size=2)  # 3 scored, the rest maps only
+    assert run_cam_maps(rank_outputs, out, batch_size=2) > 3  # several batches
     cams = read_cam_maps(out / "cam_maps.npz")
     stored = read_trait_maps(rank_outputs["maps"])
     assert sorted(cams.image) == sorted(stored.image) and len(cams.image) > 3

@@ -34,7 +34,6 @@ from tests.figure_checks import (
 )
 
 RANKS = ("family", "genus", "species")
-CURVE_RANKS = ("genus", "species")  # two ranks' curves keep the fixture cheap
 STYLE = FigureStyle()
 
 
@@ -48,33 +47,9 @@ def per_rank(results: Path, name: str) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def tiny_curves(results: Path, tmp_path_factory) -> dict[str, Path]:
-    """fidelity_curves.tsv of two ranks of the tiny run (its fidelity settings), written
-    here: the tiny run predates the curves."""
-    from promptcam.evaluation.fidelity import FidelityConfig, run_rank_fidelity
-
-    out = tmp_path_factory.mktemp("curves")
-    config = FidelityConfig(
-        steps=4, max_images=4, batch_size=16, random_regions=2, random_maps=2, threads=1,
-        device="cpu",
-        linear_probe={"c_grid": [0.1, 1.0], "max_iter": 200},
-    )  # fmt: skip
-    curves = {}
-    for rank in CURVE_RANKS:
-        (out / rank).mkdir()
-        run_rank_fidelity(
-            checkpoint=results / rank / "model.pt",
-            shards_dir=results / "shards",
-            rank=rank,
-            trait_maps=results / rank / "trait_maps.npz",
-            out_tsv=out / rank / "fidelity.tsv",
-            out_counterfactual=out / rank / "counterfactual.json",
-            out_curves=out / rank / "fidelity_curves.tsv",
-            out_cam_maps=out / rank / "cam_maps.npz",
-            config=config,
-        )
-        curves[rank] = out / rank / "fidelity_curves.tsv"
-    return curves
+def tiny_curves(results: Path) -> dict[str, Path]:
+    """The tiny run's own fidelity_curves.tsv (the fidelity rule's) of every rank."""
+    return per_rank(results, "fidelity_curves.tsv")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -264,7 +239,7 @@ def test_fidelity_curves_and_their_aucs(tiny_curves: dict[str, Path], tmp_path: 
     fig = built(summaries.build_fidelity_curves, curves=tiny_curves)
     panels = [(model, mode) for model in ("prompt_cam", "linear_probe")
               for mode in ("insertion", "deletion")]  # fmt: skip
-    axes = np.array([ax for ax in fig.axes if ax.lines]).reshape(len(panels), len(CURVE_RANKS))
+    axes = np.array([ax for ax in fig.axes if ax.lines]).reshape(len(panels), len(tiny_curves))
     for column, path in enumerate(tiny_curves.values()):
         curves = read_fidelity_curves(path)
         table = read_fidelity(path.with_name("fidelity.tsv"))

@@ -338,13 +338,11 @@ def _fit_probe(
 @dataclass
 class _Accumulated:
     """Per-image curves of every (method, model) and clean probabilities of every model, batch by
-    batch; and every test image's maps (all images, not only the scored ones)."""
+    batch."""
 
     fractions: np.ndarray = field(default_factory=lambda: np.zeros(0))
     curves: dict[Method, dict[str, list[np.ndarray]]] = field(default_factory=dict)
     clean: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    image_ids: list[str] = field(default_factory=list)
-    maps: list[np.ndarray] = field(default_factory=list)  # (B, M, h, w) per batch
 
     def add_curves(
         self, method: Method, mode: str, fractions: np.ndarray, values: np.ndarray
@@ -513,24 +511,21 @@ def run_rank_fidelity(
     out_tsv: str | os.PathLike,
     out_counterfactual: str | os.PathLike,
     out_curves: str | os.PathLike,
-    out_cam_maps: str | os.PathLike,
     config: FidelityConfig,
     backbone_weights: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Insertion/deletion AUC of every (method, model) of :data:`FIDELITY_METHODS`, and the
-    counterfactual check, on the first ``max_images`` test images (all by default); every
-    method's maps of *all* test images. Prompt-CAM's maps come from the traits rule's
-    ``trait_maps.npz``.
+    counterfactual check, on the first ``max_images`` test images (all by default).
+    Prompt-CAM's maps come from the traits rule's ``trait_maps.npz``; the baselines' are those
+    :func:`run_rank_cam_maps` writes for every test image (same functions, same seeds).
 
     ``fidelity.tsv``: one row per ``method`` (prompt_cam, grad_cam, layer_cam, eigen_cam,
     attention_rollout, random) and ``model`` (prompt_cam or linear_probe: the model explained
     and scored), see :func:`promptcam.evaluation.tables.read_fidelity`. ``fidelity_curves.tsv``
     (``out_curves``): the mean curves, one row per method, model, mode and step (see
     :func:`promptcam.evaluation.tables.write_fidelity_curves`); their trapezoid areas are the
-    mean AUCs of ``fidelity.tsv``. ``cam_maps.npz`` (``out_cam_maps``): every method's map of
-    every test image, in test-shard order (:func:`promptcam.evaluation.tables.write_cam_maps`;
-    ``random`` is its first random map). ``counterfactual.json``: :func:`counterfactual_report`
-    and the settings.
+    mean AUCs of ``fidelity.tsv``. ``counterfactual.json``: :func:`counterfactual_report` and
+    the settings.
     """
     from promptcam.model.checkpoint import load_checkpoint
     from promptcam.training.runtime import resolve_device
@@ -566,22 +561,19 @@ def run_rank_fidelity(
         device,
     )
     for images, labels, batch_meta in loader:
+        take = (
+            len(labels) if config.max_images is None else min(len(labels), config.max_images - seen)
+        )
+        if take <= 0:
+            break
+        seen += take
         images, labels = images.to(device), labels.to(device)
-        sample_ids = list(batch_meta["sample_id"])
-        rows = _prompt_cam_rows(row_of, sample_ids, trait_maps)
+        rows = _prompt_cam_rows(row_of, list(batch_meta["sample_id"]), trait_maps)
         maps, kept, order = stored.read_maps(rows), stored.kept[rows], stored.order[rows]
         random_maps = torch.rand(config.random_maps, len(labels), *grid, generator=map_generator)
         saliency = _batch_maps(
             model, probe, images, labels, prompt_cam_saliency(maps, kept, order), random_maps[0]
         )
-        scores.image_ids.extend(sample_ids)
-        scores.maps.append(torch.stack([saliency[m] for m in FIDELITY_METHODS], dim=1).numpy())
-        take = (
-            len(labels) if config.max_images is None else min(len(labels), config.max_images - seen)
-        )
-        if take <= 0:
-            continue  # past max_images: maps only
-        seen += take
         with torch.inference_mode():
             _score_batch(
                 scores,
@@ -615,13 +607,6 @@ def run_rank_fidelity(
     with atomic_open(out_tsv, "w", newline="") as handle:
         table.to_csv(handle, sep="\t", index=False)
     write_fidelity_curves(out_curves, _curves_table(scores, seen))
-    write_cam_maps(
-        out_cam_maps,
-        scores.image_ids,
-        [method for method, _ in FIDELITY_METHODS],
-        [model_name for _, model_name in FIDELITY_METHODS],
-        np.concatenate(scores.maps),
-    )
     report = counterfactual_report(
         {key: np.concatenate(values) for key, values in flips.items()}
         or {"top_flipped": np.zeros(0)}
@@ -640,15 +625,81 @@ def run_rank_fidelity(
     LOGGER.info("%s: counterfactual %s", rank, report)
     write_json(out_counterfactual, report)
     lines.report(
-        "wrote %s, %s, %s and %s: %d of %d test images scored, %d rows (%.0f s)",
+        "wrote %s, %s and %s: %d test images scored, %d rows (%.0f s)",
         out_tsv,
         out_curves,
-        out_cam_maps,
         out_counterfactual,
         seen,
-        len(scores.image_ids),
         len(table),
         lines.elapsed(),
         force=True,
     )
     return table
+
+
+def run_rank_cam_maps(
+    *,
+    checkpoint: str | os.PathLike,
+    shards_dir: str | os.PathLike,
+    rank: str,
+    trait_maps: str | os.PathLike,
+    out_cam_maps: str | os.PathLike,
+    config: FidelityConfig,
+    backbone_weights: str | os.PathLike | None = None,
+) -> int:
+    """Every (method, model) map of :data:`FIDELITY_METHODS` for *every* test image (CAMs are
+    cheap; the curves of :func:`run_rank_fidelity` are not), for localisation:
+    ``cam_maps.npz`` in test-shard order (:func:`promptcam.evaluation.tables.write_cam_maps`;
+    ``random`` is the first random map, drawn from the stream fidelity draws from). Returns
+    the number of images."""
+    from promptcam.model.checkpoint import load_checkpoint
+    from promptcam.training.runtime import resolve_device
+
+    torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
+    model.to(device)
+    probe = _fit_probe(model, shards_dir, rank, meta, config, device)
+    stored = read_trait_maps(trait_maps)
+    row_of = stored.row_of()
+    grid = tuple(stored.map_shape[-2:])
+    map_generator = torch.Generator().manual_seed(config.seed + 1)
+    image_ids: list[str] = []
+    batches: list[np.ndarray] = []
+    loader = split_loader(
+        shards_dir,
+        "test",
+        rank,
+        TransformConfig.unaugmented(meta.preprocessing),
+        config.batch_size,
+        config.num_workers,
+        device,
+    )
+    lines = ProgressLines()
+    for images, labels, batch_meta in loader:
+        sample_ids = list(batch_meta["sample_id"])
+        rows = _prompt_cam_rows(row_of, sample_ids, trait_maps)
+        maps, kept, order = stored.read_maps(rows), stored.kept[rows], stored.order[rows]
+        random_maps = torch.rand(config.random_maps, len(labels), *grid, generator=map_generator)
+        saliency = _batch_maps(
+            model,
+            probe,
+            images.to(device),
+            labels.to(device),
+            prompt_cam_saliency(maps, kept, order),
+            random_maps[0],
+        )
+        image_ids.extend(sample_ids)
+        batches.append(torch.stack([saliency[m] for m in FIDELITY_METHODS], dim=1).numpy())
+        lines.report("maps of %d test images (%.0f s)", len(image_ids), lines.elapsed())
+    if not image_ids:
+        raise ValueError(f"no test images for rank {rank!r} in {shards_dir}")
+    write_cam_maps(
+        out_cam_maps,
+        image_ids,
+        [method for method, _ in FIDELITY_METHODS],
+        [model_name for _, model_name in FIDELITY_METHODS],
+        np.concatenate(batches),
+    )
+    lines.report("wrote %s: %d test images", out_cam_maps, len(image_ids), force=True)
+    return len(image_ids)

@@ -82,6 +82,32 @@ rule localization:
         "../../scripts/localization.py"
 
 
+# Every method's maps of every test image, for localisation (cheap, unlike fidelity's curves);
+# fidelity recomputes those of the images it scores with the same functions and seeds.
+rule cam_maps:
+    input:
+        checkpoint=trained_model("{rank}"),
+        weights=backbone_weights(),
+        shards=shards_dir(),
+        maps=rank_result("{rank}", "trait_maps.npz"),
+    output:
+        rank_result("{rank}", "cam_maps.npz"),
+    log:
+        log_path("traits", "cam_maps_{rank}"),
+    benchmark:
+        benchmark_path("traits", "cam_maps_{rank}")
+    conda:
+        "../../envs/traits.yaml"
+    threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
+    resources:
+        gpu=gpu_request(),
+    params:
+        settings=rule_settings("traits.fidelity"),
+        linear_probe=probe_settings(),
+    script:
+        "../../scripts/fidelity.py"
+
+
 rule fidelity:
     input:
         checkpoint=trained_model("{rank}"),
@@ -92,7 +118,6 @@ rule fidelity:
         table=rank_result("{rank}", "fidelity.tsv"),
         counterfactual=rank_result("{rank}", "counterfactual.json"),
         curves=rank_result("{rank}", "fidelity_curves.tsv"),
-        cam_maps=rank_result("{rank}", "cam_maps.npz"),
     log:
         log_path("traits", "fidelity_{rank}"),
     benchmark:
