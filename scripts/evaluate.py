@@ -24,6 +24,7 @@ def main() -> None:
             out_json=snakemake.output.eval,
             out_confusion=snakemake.output.confusion,
             config=config,
+            labels_tsv=snakemake.input.labels,
         )
 
 

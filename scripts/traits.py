@@ -24,6 +24,7 @@ def main() -> None:
             outputs=dict(snakemake.output.items()),
             config=config,
             siblings=siblings,
+            labels_tsv=snakemake.input.labels,
         )
 
 

@@ -167,8 +167,12 @@ def test_evaluate_rank_writes_consistent_outputs(
         out_json=out_json,
         out_confusion=out_confusion,
         config=config,
+        labels_tsv=trained.labels / "genus.tsv",
     )
     assert json.loads(out_json.read_text()) == json.loads(json.dumps(report))
+    # Among the true class's siblings (the parent given) an image is right at least as often.
+    assert report["objective"] == "flat"
+    assert report["top1"] <= report["within_siblings_top1"] <= 1.0
     manifest = load_manifest(trained.shards)
     assert report["n_test"] == split_size(manifest, "test")
     confusion = pd.read_csv(out_confusion, sep="\t", index_col=0)

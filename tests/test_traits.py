@@ -416,3 +416,30 @@ def test_cli_traits_writes_one_row_per_image_and_head(tmp_path) -> None:
     assert cli_main([*argv, "--stop", "misclassified"]) == 0
     flipped = pd.read_parquet(out)
     assert (flipped["removal_step"].isna() == flipped["kept"]).all()
+
+
+def test_a_siblings_model_is_searched_among_the_targets_siblings() -> None:
+    """train.objective siblings: the prediction and the probabilities the search ranks heads by
+    are among the target's siblings only; flat reading would compare scores never trained
+    against each other."""
+    assert NUM_CLASSES == 4
+    model = random_model(4)
+    images = random_images(8, 4)
+    targets = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    groups = torch.tensor([0, 0, 0, 1])  # class 3 alone: always right within siblings
+    flat = identify_traits(model, images, targets)
+    among = identify_traits(model, images, targets, groups=groups)
+    with torch.no_grad():
+        scores = model(images).double()
+    masked = scores.masked_fill(groups[None, :] != groups[targets][:, None], float("-inf"))
+    np.testing.assert_array_equal(among.trace.predicted, masked.argmax(dim=-1).numpy())
+    assert (groups[torch.as_tensor(among.trace.predicted)] == groups[targets]).all()
+    expected = masked.softmax(dim=-1)[torch.arange(8), targets].numpy()
+    np.testing.assert_allclose(among.trace.base_scores, expected, rtol=1e-5)
+    assert among.trace.searched[[3, 7]].all()  # a class without siblings is always searched
+    # Within siblings an image is right at least as often as among all classes.
+    assert among.trace.searched.sum() >= flat.trace.searched.sum()
+    # Every greedy step's prediction stays among the siblings.
+    steps = among.trace.step_predicted[among.trace.searched]
+    rows = targets.numpy()[among.trace.searched]
+    assert (groups.numpy()[steps] == groups.numpy()[rows][:, None]).all()

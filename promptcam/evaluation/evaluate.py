@@ -40,6 +40,7 @@ from promptcam.evaluation.tables import write_confusion_tsv
 from promptcam.io import sha256_file, write_json
 from promptcam.model.checkpoint import load_checkpoint
 from promptcam.progress import ProgressLines
+from promptcam.training.hierarchy import read_sibling_groups, within_sibling_predictions
 from promptcam.training.runtime import collect_scores, mean_loss, resolve_device, topk_accuracy
 
 LOGGER = logging.getLogger(__name__)
@@ -109,9 +110,15 @@ def evaluate_rank(
     out_json: str | os.PathLike,
     out_confusion: str | os.PathLike,
     config: EvalConfig,
+    labels_tsv: str | os.PathLike | None = None,
     backbone_weights: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on the test split and fit the linear-probe baseline; see module."""
+    """Evaluate ``checkpoint`` on the test split and fit the linear-probe baseline; see module.
+
+    With the rank's label map (``labels_tsv``), also ``within_siblings_top1``: the argmax
+    among the true class's siblings (the parent given), what a model trained among siblings
+    (``train.objective: siblings``) is selected on; its flat ``top1`` means little.
+    """
     torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
@@ -128,6 +135,11 @@ def evaluate_rank(
     lines = ProgressLines()
     scores, labels = collect_scores(model, loader("test"), device)
     report, confusion = classification_report(scores, labels, label_names, config.top_k)
+    report["objective"] = meta.extra.get("train_config", {}).get("objective", "flat")
+    if labels_tsv is not None:
+        groups = read_sibling_groups(labels_tsv)
+        within = within_sibling_predictions(scores.numpy(), labels.numpy(), groups)
+        report["within_siblings_top1"] = float((within == labels.numpy()).mean())
     LOGGER.info("%s: Prompt-CAM test top-1 %.4f on %d images", rank, report["top1"], len(labels))
     lines.report(
         "Prompt-CAM test top-1 %.3f on %d images (%.0f s); fitting the linear probe",

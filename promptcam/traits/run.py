@@ -13,6 +13,7 @@ import torch
 
 from promptcam.config import EncodePrecision
 from promptcam.data.reader import TransformConfig, load_manifest, split_loader, split_size
+from promptcam.model.checkpoint import CheckpointMeta
 from promptcam.progress import ProgressLines
 from promptcam.training.runtime import resolve_device
 from promptcam.traits.cross_class import CrossClassAccumulator, cross_class_pairs, write_cross_class
@@ -117,6 +118,23 @@ class TraitRunConfig:
         )
 
 
+def sibling_groups_of(
+    meta: CheckpointMeta, labels_tsv: str | os.PathLike | None, checkpoint: str | os.PathLike
+) -> torch.Tensor | None:
+    """Each class's sibling group (C,) if the checkpoint was trained among siblings, else None."""
+    from promptcam.training.hierarchy import read_sibling_groups
+
+    train_config = meta.extra.get("train_config", {})
+    if train_config.get("objective", "flat") != "siblings":
+        return None
+    if labels_tsv is None:
+        raise ValueError(
+            f"{checkpoint} was trained among siblings (train.objective: siblings): its traits "
+            "are searched the parent given, which needs the rank's label map (labels_tsv)"
+        )
+    return torch.as_tensor(read_sibling_groups(labels_tsv))
+
+
 def run_rank_traits(
     *,
     checkpoint: str | os.PathLike,
@@ -125,9 +143,14 @@ def run_rank_traits(
     outputs: Mapping[str, str | os.PathLike],
     config: TraitRunConfig,
     siblings: Mapping[str, Sequence[str]] | None = None,
+    labels_tsv: str | os.PathLike | None = None,
     backbone_weights: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
     """Greedy search on the test split of one rank; writes every output of the traits rule.
+
+    A model trained among siblings (its checkpoint's ``train_config.objective``) is searched
+    among each image's siblings (the parent given), read from ``labels_tsv``
+    (``labels/{rank}.tsv``), which it then needs.
 
     ``outputs`` keys: ``table`` (traits.parquet), ``maps`` (trait_maps.npz), ``summary``
     (trait_summary.tsv), ``summary_maps`` (trait_summary.npz), ``cross_class``
@@ -142,6 +165,7 @@ def run_rank_traits(
     model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
     model.to(device)
     label_names = list(meta.label_names)
+    groups = sibling_groups_of(meta, labels_tsv, checkpoint)
     pairs = cross_class_pairs(
         label_names,
         config.cross_class_pairs.get(rank, ()),
@@ -169,6 +193,7 @@ def run_rank_traits(
             labels.to(device),
             config.greedy.tie_tolerance,
             config.encode_precision,
+            None if groups is None else groups.to(device),
         )
         cross.update(labels, result.scores, result.attention, batch_meta["sample_id"])
         image_ids.extend(batch_meta["sample_id"])

@@ -288,6 +288,13 @@ def _require_eval(model: PromptCAM) -> None:
         raise ValueError("trait identification needs the model in eval mode (model.eval())")
 
 
+def within_siblings(scores: Tensor, targets: Tensor, groups: Tensor) -> Tensor:
+    """``scores`` (B, C) with every class outside its row's target's sibling group at -inf:
+    a model trained among siblings (``train.objective: siblings``) is read the parent given."""
+    outside = groups[None, :] != groups[targets][:, None]
+    return scores.masked_fill(outside, float("-inf"))
+
+
 @torch.inference_mode()
 def identify_traits(
     model: PromptCAM,
@@ -295,17 +302,22 @@ def identify_traits(
     targets: Tensor,
     tie_tolerance: float = 1e-5,
     encode_precision: EncodePrecision = "fp32",
+    groups: Tensor | None = None,
 ) -> TraitBatch:
     """Batched greedy elimination for ``images`` (B, 3, H, W) and their target classes (B,).
 
     One forward to the last block (:func:`encode_for_search`); the target rows' per-head
     outputs are cached (:func:`target_rows`), then each greedy step scores all images and
-    candidate heads in one call (:func:`score_candidates`).
+    candidate heads in one call (:func:`score_candidates`). With ``groups`` (C,) (each class's
+    sibling group), predictions and probabilities are among the target's siblings only
+    (:func:`within_siblings`), as a model trained among siblings is read.
     """
     _require_eval(model)
     tokens = encode_for_search(model, images, encode_precision)
     scores, attention = model.last_block_attention(tokens)
     scores = _widened(scores)
+    if groups is not None:
+        scores = within_siblings(scores, targets, groups.to(scores.device))
     predicted = scores.argmax(dim=-1)
     trace = _empty_trace(targets, predicted, _target_probability(scores, targets), model.num_heads)
     searched = (predicted == targets).nonzero().squeeze(1)

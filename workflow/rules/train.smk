@@ -36,6 +36,7 @@ rule train:
 rule evaluate:
     input:
         shards=shards_dir(),
+        labels=label_map("{rank}"),
         model=trained_model("{rank}"),
         weights=backbone_weights(),
     output:

@@ -9,6 +9,7 @@ rule traits:
         weights=backbone_weights(),
         shards=shards_dir(),
         taxonomy=taxonomy_tree(),
+        labels=label_map("{rank}"),
     output:
         table=rank_result("{rank}", "traits.parquet"),
         maps=rank_result("{rank}", "trait_maps.npz"),
