@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import functools
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from figure_checks import pdf_page_mm
 from PIL import Image
 
 from promptcam.cli import main
@@ -27,7 +27,6 @@ from promptcam.traits.run import traits_for_images
 from promptcam.traits.search import GreedyConfig
 
 RANKS = ("family", "genus", "species")
-MM_PER_PT = 25.4 / 72
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +55,6 @@ def checkpoint(run: Path, rank: str) -> Path:
 def read_tsv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle, delimiter="\t"))
-
-
-def pdf_page_mm(path: Path) -> tuple[float, float]:
-    info = subprocess.run(["pdfinfo", str(path)], capture_output=True, text=True, check=True)
-    width, height = re.search(r"Page size:\s+([\d.]+) x ([\d.]+) pts", info.stdout).groups()
-    return float(width) * MM_PER_PT, float(height) * MM_PER_PT
 
 
 def assert_real_figure(stem: Path, width_mm: float, dpi: int) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,7 +49,7 @@ from promptcam.data.reader import TransformConfig, split_loader
 from promptcam.evaluation.tables import write_cam_maps, write_fidelity_curves
 from promptcam.io import atomic_open, write_json
 from promptcam.progress import ProgressLines
-from promptcam.traits.tables import read_trait_maps
+from promptcam.traits.tables import TraitMaps, read_trait_maps
 
 LOGGER = logging.getLogger(__name__)
 
@@ -502,6 +502,98 @@ def _prompt_cam_rows(row_of: Mapping[str, int], sample_ids: Any, trait_maps: obj
     return np.array([row_of[sample_id] for sample_id in sample_ids])
 
 
+@dataclass
+class _RankModels:
+    """What both fidelity and the CAM maps explain: the Prompt-CAM model, the refitted probe,
+    the traits rule's maps, and where they run."""
+
+    model: Any
+    meta: Any
+    probe: Any
+    device: torch.device
+    stored: TraitMaps
+
+
+def _rank_models(
+    checkpoint: str | os.PathLike,
+    shards_dir: str | os.PathLike,
+    rank: str,
+    trait_maps: str | os.PathLike,
+    config: FidelityConfig,
+    backbone_weights: str | os.PathLike | None,
+) -> _RankModels:
+    from promptcam.model.checkpoint import load_checkpoint
+    from promptcam.training.runtime import resolve_device
+
+    torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
+    model.to(device)
+    probe = _fit_probe(model, shards_dir, rank, meta, config, device)
+    return _RankModels(model, meta, probe, device, read_trait_maps(trait_maps))
+
+
+@dataclass
+class _ExplainedBatch:
+    """One test batch with every method's maps (``saliency``, keyed as FIDELITY_METHODS), the
+    traits rule's target-class maps, kept heads and order of its images, and its random maps
+    (R, B, h, w), of which the first is the ``random`` method's."""
+
+    images: Tensor
+    labels: Tensor
+    sample_ids: list[str]
+    maps: np.ndarray
+    kept: np.ndarray
+    order: np.ndarray
+    random_maps: Tensor
+    saliency: dict[Method, Tensor]
+
+
+def _explained_batches(
+    models: _RankModels,
+    shards_dir: str | os.PathLike,
+    rank: str,
+    trait_maps: str | os.PathLike,
+    config: FidelityConfig,
+    max_images: int | None = None,
+) -> Iterator[_ExplainedBatch]:
+    """The test split in shard order, batch by batch, until ``max_images`` (None: all) images
+    were given. The random maps come from one seeded stream of their own (``seed + 1``; the
+    counterfactual's regions use ``seed``), so every caller draws the same maps per image."""
+    row_of = models.stored.row_of()
+    grid = tuple(models.stored.map_shape[-2:])
+    map_generator = torch.Generator().manual_seed(config.seed + 1)
+    loader = split_loader(
+        shards_dir,
+        "test",
+        rank,
+        TransformConfig.unaugmented(models.meta.preprocessing),
+        config.batch_size,
+        config.num_workers,
+        models.device,
+    )
+    given = 0
+    for images, labels, batch_meta in loader:
+        if max_images is not None and given >= max_images:
+            return
+        images, labels = images.to(models.device), labels.to(models.device)
+        sample_ids = list(batch_meta["sample_id"])
+        rows = _prompt_cam_rows(row_of, sample_ids, trait_maps)
+        stored = models.stored
+        maps, kept, order = stored.read_maps(rows), stored.kept[rows], stored.order[rows]
+        random_maps = torch.rand(config.random_maps, len(labels), *grid, generator=map_generator)
+        saliency = _batch_maps(
+            models.model,
+            models.probe,
+            images,
+            labels,
+            prompt_cam_saliency(maps, kept, order),
+            random_maps[0],
+        )
+        given += len(labels)
+        yield _ExplainedBatch(images, labels, sample_ids, maps, kept, order, random_maps, saliency)
+
+
 def run_rank_fidelity(
     *,
     checkpoint: str | os.PathLike,
@@ -527,23 +619,13 @@ def run_rank_fidelity(
     mean AUCs of ``fidelity.tsv``. ``counterfactual.json``: :func:`counterfactual_report` and
     the settings.
     """
-    from promptcam.model.checkpoint import load_checkpoint
-    from promptcam.training.runtime import resolve_device
-
-    torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
-    model.to(device)
-    probe = _fit_probe(model, shards_dir, rank, meta, config, device)
-    score_fns: dict[str, ScoreFn] = {PROMPT_CAM: model, LINEAR_PROBE: probe}
-    stored = read_trait_maps(trait_maps)
-    row_of = stored.row_of()
-    grid = tuple(stored.map_shape[-2:])
+    models = _rank_models(checkpoint, shards_dir, rank, trait_maps, config, backbone_weights)
+    model, device = models.model, models.device
+    score_fns: dict[str, ScoreFn] = {PROMPT_CAM: model, LINEAR_PROBE: models.probe}
+    grid = tuple(models.stored.map_shape[-2:])
     num_patches = grid[0] * grid[1]
     region_patches = max(1, round(config.region_fraction * num_patches))
     generator = torch.Generator().manual_seed(config.seed)
-    # A stream of its own: the counterfactual's random regions stay those of earlier runs.
-    map_generator = torch.Generator().manual_seed(config.seed + 1)
 
     scores = _Accumulated()
     flips: dict[str, list[np.ndarray]] = {}
@@ -551,37 +633,22 @@ def run_rank_fidelity(
     lines = ProgressLines()
     limit = "all" if config.max_images is None else f"at most {config.max_images}"
     lines.report("insertion/deletion and counterfactual on %s test images", limit, force=True)
-    loader = split_loader(
-        shards_dir,
-        "test",
-        rank,
-        TransformConfig.unaugmented(meta.preprocessing),
-        config.batch_size,
-        config.num_workers,
-        device,
-    )
-    for images, labels, batch_meta in loader:
+    batches = _explained_batches(models, shards_dir, rank, trait_maps, config, config.max_images)
+    for batch in batches:
+        labels, maps, order = batch.labels, batch.maps, batch.order
         take = (
             len(labels) if config.max_images is None else min(len(labels), config.max_images - seen)
         )
-        if take <= 0:
-            break
         seen += take
-        images, labels = images.to(device), labels.to(device)
-        rows = _prompt_cam_rows(row_of, list(batch_meta["sample_id"]), trait_maps)
-        maps, kept, order = stored.read_maps(rows), stored.kept[rows], stored.order[rows]
-        random_maps = torch.rand(config.random_maps, len(labels), *grid, generator=map_generator)
-        saliency = _batch_maps(
-            model, probe, images, labels, prompt_cam_saliency(maps, kept, order), random_maps[0]
-        )
+        images = batch.images
         with torch.inference_mode():
             _score_batch(
                 scores,
                 score_fns,
                 images[:take],
                 labels[:take],
-                saliency,
-                random_maps[:, :take],
+                batch.saliency,
+                batch.random_maps[:, :take],
                 config,
             )
             searched = np.nonzero(order[:take, 0] >= 0)[0]
@@ -652,45 +719,14 @@ def run_rank_cam_maps(
     ``cam_maps.npz`` in test-shard order (:func:`promptcam.evaluation.tables.write_cam_maps`;
     ``random`` is the first random map, drawn from the stream fidelity draws from). Returns
     the number of images."""
-    from promptcam.model.checkpoint import load_checkpoint
-    from promptcam.training.runtime import resolve_device
-
-    torch.set_num_threads(config.threads)
-    device = resolve_device(config.device)
-    model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
-    model.to(device)
-    probe = _fit_probe(model, shards_dir, rank, meta, config, device)
-    stored = read_trait_maps(trait_maps)
-    row_of = stored.row_of()
-    grid = tuple(stored.map_shape[-2:])
-    map_generator = torch.Generator().manual_seed(config.seed + 1)
+    models = _rank_models(checkpoint, shards_dir, rank, trait_maps, config, backbone_weights)
     image_ids: list[str] = []
     batches: list[np.ndarray] = []
-    loader = split_loader(
-        shards_dir,
-        "test",
-        rank,
-        TransformConfig.unaugmented(meta.preprocessing),
-        config.batch_size,
-        config.num_workers,
-        device,
-    )
     lines = ProgressLines()
-    for images, labels, batch_meta in loader:
-        sample_ids = list(batch_meta["sample_id"])
-        rows = _prompt_cam_rows(row_of, sample_ids, trait_maps)
-        maps, kept, order = stored.read_maps(rows), stored.kept[rows], stored.order[rows]
-        random_maps = torch.rand(config.random_maps, len(labels), *grid, generator=map_generator)
-        saliency = _batch_maps(
-            model,
-            probe,
-            images.to(device),
-            labels.to(device),
-            prompt_cam_saliency(maps, kept, order),
-            random_maps[0],
-        )
-        image_ids.extend(sample_ids)
-        batches.append(torch.stack([saliency[m] for m in FIDELITY_METHODS], dim=1).numpy())
+    for batch in _explained_batches(models, shards_dir, rank, trait_maps, config):
+        image_ids.extend(batch.sample_ids)
+        maps = [batch.saliency[method] for method in FIDELITY_METHODS]
+        batches.append(torch.stack(maps, dim=1).numpy())
         lines.report("maps of %d test images (%.0f s)", len(image_ids), lines.elapsed())
     if not image_ids:
         raise ValueError(f"no test images for rank {rank!r} in {shards_dir}")
