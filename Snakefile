@@ -1,6 +1,7 @@
 # Prompt-CAM trait discovery per taxonomic rank.
 #   snakemake --cores 8                    # the bundled demo (config/config.yaml)
 #   snakemake --cores 8 --profile slurm    # on a SLURM cluster
+import os
 from pathlib import Path
 
 from snakemake.utils import min_version
@@ -9,6 +10,11 @@ from promptcam.config import check_package_schema, check_rank_keys, validate_con
 from promptcam.model.spec import workflow_backbone_spec
 
 min_version("9.27")
+
+# The conda environments' post-deploy scripts (envs/*.post-deploy.sh) install the package from
+# this repository (the environment files cannot name it: Snakemake copies them into the conda
+# prefix, and conda resolves a relative path against the copy).
+os.environ.update(PROMPTCAM_REPO=workflow.basedir)
 
 
 configfile: "config/config.yaml"

@@ -154,6 +154,7 @@ def main() -> None:
                 model,
                 loader,
                 build_optimizer(model, config),
+                num_classes=num_classes,
                 epoch=0,
                 samples_per_epoch=len(dataset),
                 config=config,

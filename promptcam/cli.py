@@ -126,6 +126,21 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
         help="heads kept by --stop top-k (default: %(default)s)",
     )
     parser.add_argument(
+        "--criterion",
+        choices=keys["criterion"]["enum"],
+        default=defaults["criterion"],
+        help="how candidate heads are compared: the target's score, blurred in its row "
+        "(reference), or its log-odds, blurred in its and its rivals' rows (contrastive); "
+        "default: %(default)s",
+    )
+    parser.add_argument(
+        "--rivals",
+        type=int,
+        default=defaults["rivals"],
+        help="--criterion contrastive: best-scoring other classes blurred too "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
         "--encode-precision",
         choices=keys["encode_precision"]["enum"],
         default=defaults["encode_precision"],
@@ -147,15 +162,22 @@ def _add_traits_arguments(parser: argparse.ArgumentParser) -> None:
     _add_checkpoint_runtime_arguments(parser)
 
 
+def _greedy_config(args: argparse.Namespace):
+    from promptcam.traits.search import GreedyConfig
+
+    return GreedyConfig(
+        stop=args.stop, top_traits=args.top_traits, criterion=args.criterion, rivals=args.rivals
+    )
+
+
 def _run_traits(args: argparse.Namespace) -> int:
     from promptcam.traits.run import traits_for_images
-    from promptcam.traits.search import GreedyConfig
 
     table = traits_for_images(
         args.checkpoint,
         args.images,
         args.out,
-        GreedyConfig(stop=args.stop, top_traits=args.top_traits),
+        _greedy_config(args),
         batch_size=args.batch_size,
         device=args.device,
         backbone_weights=args.backbone_weights,
@@ -175,7 +197,8 @@ def _add_explain_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         nargs="+",
         metavar="CHECKPOINT",
-        help="model.pt of one rank, or one per rank (any order: drawn coarse to fine)",
+        help="model.pt of one rank, or one per rank (any order: drawn coarse to fine; a model "
+        "trained among siblings is read top-down, so it needs the rank above)",
     )
     parser.add_argument("images", type=Path, help="an image or a folder of images")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
@@ -200,11 +223,10 @@ def _add_explain_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_explain(args: argparse.Namespace) -> int:
     from promptcam.explain import ExplainSettings, explain_images
     from promptcam.figures.style import FigureStyle
-    from promptcam.traits.search import GreedyConfig
 
     style = FigureStyle() if args.dpi is None else FigureStyle(dpi=args.dpi)
     settings = ExplainSettings(
-        greedy=GreedyConfig(stop=args.stop, top_traits=args.top_traits),
+        greedy=_greedy_config(args),
         batch_size=args.batch_size,
         encode_precision=args.encode_precision,
         style=style,

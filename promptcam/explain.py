@@ -35,9 +35,10 @@ from promptcam.figures.panels import LABEL_CHARS, PanelRow, draw_panel_rows
 from promptcam.figures.style import FigureStyle
 from promptcam.figures.text import plain_text, taxon_lines
 from promptcam.io import atomic_open
-from promptcam.model.checkpoint import CheckpointMeta, load_checkpoint
+from promptcam.model.checkpoint import CheckpointMeta, load_checkpoint, top_down_parents
 from promptcam.model.predict import list_images, load_image
 from promptcam.model.prompt_cam import PromptCAM
+from promptcam.training.hierarchy import sibling_groups
 from promptcam.traits.search import GreedyConfig, identify_traits, stop_search
 
 __all__ = [
@@ -62,7 +63,7 @@ TSV_COLUMNS = (
     "checkpoint",
     "predicted_index",
     "predicted",
-    "probability",  # softmax probability of the predicted class
+    "probability",  # softmax probability of the predicted class (among siblings, top-down)
     "kept_heads",  # comma-separated, most important first (empty: none kept)
     "consistent_path",  # yes/no: the photo's predicted path agrees with --taxonomy; empty: unknown
 )
@@ -115,12 +116,14 @@ class ExplainSettings:
 
 @dataclass(frozen=True)
 class RankModel:
-    """A loaded checkpoint and the rank it predicts."""
+    """A loaded checkpoint and the rank it predicts; ``parents``: each class's parent when the
+    model is read top-down (trained among siblings), else None."""
 
     checkpoint: Path
     rank: str
     model: PromptCAM
     meta: CheckpointMeta
+    parents: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ def load_rank_models(
     for checkpoint in checkpoints:
         path = Path(checkpoint)
         model, meta = load_checkpoint(path, backbone_weights=backbone_weights)
+        parents = top_down_parents(meta, path)
         rank = _rank_of(path, meta)
         for other in loaded:
             if other.rank == rank:
@@ -172,7 +176,33 @@ def load_rank_models(
                     f"{other.checkpoint} and {path} are both of rank {rank!r}: "
                     "give one checkpoint per rank"
                 )
-        loaded.append(RankModel(path, rank, model.to(device), meta))
+        loaded.append(
+            RankModel(
+                path, rank, model.to(device), meta, None if parents is None else tuple(parents)
+            )
+        )
+    return _check_top_down(_coarse_to_fine(loaded, taxonomy_ranks))
+
+
+def _check_top_down(models: list[RankModel]) -> list[RankModel]:
+    """A model read top-down needs the rank right above it, whose classes are its parents."""
+    for above, model in zip([None, *models[:-1]], models, strict=True):
+        if model.parents is None:
+            continue
+        missing = sorted(set(model.parents) - set(() if above is None else above.meta.label_names))
+        if missing:
+            raise ValueError(
+                f"{model.checkpoint} was trained among siblings (train.objective: siblings) and "
+                f"is read top-down, among the children of the class predicted at the rank "
+                f"above: give the checkpoint of that rank too (the one whose classes are "
+                f"{missing[:3]}{' ...' if len(missing) > 3 else ''})"
+            )
+    return models
+
+
+def _coarse_to_fine(
+    loaded: list[RankModel], taxonomy_ranks: Sequence[str] | None
+) -> list[RankModel]:
     if taxonomy_ranks is not None:
         unknown = [m.rank for m in loaded if m.rank not in taxonomy_ranks]
         if unknown:
@@ -195,19 +225,40 @@ def explain_batch(
     names: Sequence[str],
     greedy: GreedyConfig,
     encode_precision: EncodePrecision = "auto",
+    parent_predictions: Sequence[str] | None = None,
 ) -> list[Explanation]:
     """Predicted class, probability, trait search and maps of the photos ``root / names``.
 
     The prediction is the argmax of the model's scores (the lowest index on ties); the search
-    looks for that class's trait heads, exactly as ``promptcam traits`` does.
+    looks for that class's trait heads, exactly as ``promptcam traits`` does. A model read
+    top-down (``rank_model.parents``) predicts among the children of each photo's
+    ``parent_predictions`` (the rank above's predicted names), and its probability and search
+    are among those siblings, as the traits rule reads it.
     """
     model, meta = rank_model.model, rank_model.meta
     device = next(model.parameters()).device
     images = torch.stack([load_image(root / name, meta.preprocessing) for name in names])
     images = images.to(device)
     with torch.inference_mode():
-        predicted = model(images).float().argmax(dim=-1)
-    result = identify_traits(model, images, predicted, greedy.tie_tolerance, encode_precision)
+        scores = model(images).float()
+    groups = None
+    if rank_model.parents is not None:
+        if parent_predictions is None or len(parent_predictions) != len(names):
+            raise ValueError(f"{rank_model.checkpoint} is read top-down: it needs the parents")
+        children = np.array(rank_model.parents)[None, :] == np.array(parent_predictions)[:, None]
+        scores = scores.masked_fill(~torch.as_tensor(children, device=device), float("-inf"))
+        groups = torch.as_tensor(sibling_groups(rank_model.parents), device=device)
+    predicted = scores.argmax(dim=-1)
+    result = identify_traits(
+        model,
+        images,
+        predicted,
+        greedy.tie_tolerance,
+        encode_precision,
+        groups,
+        criterion=greedy.criterion,
+        rivals=greedy.rivals,
+    )
     kept_rank = stop_search(result.trace, greedy).kept_rank()
     maps = result.target_maps().float().cpu().numpy().reshape(len(names), -1, *model.patch_grid)
     explanations = []
@@ -326,10 +377,12 @@ def explain_images(
         table = csv.writer(handle, delimiter="\t", lineterminator="\n")
         table.writerow(TSV_COLUMNS)
         for batch in _batches(names, settings.batch_size):
-            per_rank = [
-                explain_batch(m, root, batch, settings.greedy, settings.encode_precision)
-                for m in models
-            ]
+            per_rank: list[list[Explanation]] = []
+            for m in models:
+                above = [e.predicted for e in per_rank[-1]] if m.parents and per_rank else None
+                per_rank.append(
+                    explain_batch(m, root, batch, settings.greedy, settings.encode_precision, above)
+                )
             pictures = photos.images(batch)
             for row, name in enumerate(batch):
                 path = [explanations[row] for explanations in per_rank]

@@ -22,7 +22,13 @@ os.environ["QT_QPA_PLATFORM"] = "offscreen"  # ete3/PyQt5 aborts the process wit
 os.environ["MPLBACKEND"] = "Agg"  # ete3 rendering may otherwise switch matplotlib to Qt
 os.environ.pop("OMP_NUM_THREADS", None)  # let torch pick its threads; no inherited caps
 
-SLURM_PARTITION = "main"  # must match slurm/config.yaml default-resources.slurm_partition
+SLURM_PARTITION = "main"  # must match slurm/local/config.yaml default-resources.slurm_partition
+# The pidfiles of the local cluster's daemons (slurm/local/start.sh, stop.sh).
+SLURM_PIDFILES = {
+    "munged": Path("/run/munge/munged.pid"),
+    "slurmctld": Path("/run/slurm/slurmctld.pid"),
+    "slurmd": Path("/run/slurm/slurmd.pid"),
+}
 
 
 def pytest_terminal_summary(terminalreporter, config) -> None:
@@ -42,12 +48,42 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+def daemons_alive() -> set[str]:
+    """The local cluster's daemons whose pidfile names a live process."""
+    alive = set()
+    for name, pidfile in SLURM_PIDFILES.items():
+        try:
+            os.kill(int(pidfile.read_text().strip()), 0)
+        except (OSError, ValueError):
+            continue
+        alive.add(name)
+    return alive
+
+
+def stop_started_daemons(repo_root: Path, before: set[str]) -> None:
+    """Stop the local cluster if this session started it (not if CI or a person had, nor while
+    jobs of another session are still queued); munged too unless it ran before."""
+    started = {"slurmctld", "slurmd"} - before
+    if not started:
+        return
+    queue = subprocess.run(["squeue", "-h"], capture_output=True, text=True, timeout=30)
+    if queue.returncode == 0 and queue.stdout.strip():
+        return
+    args = ["--keep-munge"] if "munged" in before else []
+    subprocess.run(
+        ["bash", str(repo_root / "slurm" / "local" / "stop.sh"), *args],
+        capture_output=True,
+        timeout=120,
+    )
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster(repo_root: Path) -> SimpleNamespace:
+def slurm_cluster(repo_root: Path):
     """A running one-node SLURM (slurm/local/start.sh); installs it with apt if needed.
 
     Skips only where it cannot run (not root, apt-get unusable); under CI=true it fails
-    instead, so CI never silently drops the SLURM tests. The cluster is left running.
+    instead, so CI never silently drops the SLURM tests. A cluster that was already up (CI's
+    .ci/run starts it) is left running; one this session started is stopped at its end.
     """
     in_ci = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
@@ -62,6 +98,7 @@ def slurm_cluster(repo_root: Path) -> SimpleNamespace:
         cannot_run("SLURM is not installed and there is no apt-get to install it")
 
     env = {**os.environ, "SLURM_LOCAL_PARTITION": SLURM_PARTITION}
+    before = daemons_alive()
     proc = subprocess.run(
         ["bash", str(repo_root / "slurm" / "local" / "start.sh")],
         capture_output=True,
@@ -73,8 +110,13 @@ def slurm_cluster(repo_root: Path) -> SimpleNamespace:
     if proc.returncode == 77:
         cannot_run(f"start.sh says it cannot run here:\n{log}")
     if proc.returncode != 0:
+        stop_started_daemons(repo_root, before)
         pytest.fail(f"slurm/local/start.sh failed (exit {proc.returncode}):\n{log}")
-    return SimpleNamespace(partition=SLURM_PARTITION, log=log)
+    started = bool({"slurmctld", "slurmd"} - before)
+    try:
+        yield SimpleNamespace(partition=SLURM_PARTITION, log=log, started=started)
+    finally:
+        stop_started_daemons(repo_root, before)
 
 
 def run_in_own_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:

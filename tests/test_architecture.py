@@ -13,6 +13,7 @@ import pytest
 
 TORCH_FREE = (
     "promptcam.config",
+    "promptcam.resources",  # the workflow's resource callables, at every start
     "promptcam.data.metadata",
     "promptcam.model.spec",
     "promptcam.figures.style",

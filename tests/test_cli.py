@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -223,3 +224,48 @@ def test_pretrain_backbone_never_overwrites_without_force(tmp_path):
     )
     assert existing.read_bytes() == b"shipped weights"
     assert not (tmp_path / "demo_vit.json").exists()
+
+
+def test_a_model_trained_among_siblings_is_read_top_down_or_refused(tmp_path, images):
+    """Its flat argmax compares scores never trained against each other: predict refuses it,
+    explain reads it among the children of the rank above's prediction (and refuses it alone)."""
+    import torch
+
+    from promptcam.model.checkpoint import save_checkpoint
+    from promptcam.model.prompt_cam import PromptCAM
+    from promptcam.model.spec import BackboneSpec, PromptCAMConfig
+
+    vit = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4)
+
+    def save(rank: str, labels: list[str], extra: dict, seed: int) -> Path:
+        torch.manual_seed(seed)
+        model = PromptCAM(
+            BackboneSpec("vit_custom", kwargs=vit), PromptCAMConfig(num_classes=len(labels))
+        )
+        with torch.no_grad():
+            model.head.weight.normal_(std=3.0)
+        path = tmp_path / rank / "model.pt"
+        path.parent.mkdir()
+        save_checkpoint(path, model, label_names=labels, extra={"rank": rank, **extra})
+        return path
+
+    family = save("family", ["Fa", "Fb"], {}, seed=1)
+    siblings = {"train_config": {"objective": "siblings"}, "label_parents": ["Fa", "Fa", "Fb"]}
+    species = save("species", ["Sa", "Sb", "Sc"], siblings, seed=2)
+    out = tmp_path / "predict.npz"
+    proc = run("predict", str(species), str(images), "--out", str(out), "--device", "cpu")
+    assert proc.returncode != 0
+    assert "trained among siblings (train.objective: siblings)" in proc.stderr, proc.stderr
+    assert "promptcam explain" in proc.stderr and not out.exists()
+    alone = run("explain", str(species), str(images), "--out", str(tmp_path / "x"))
+    assert alone.returncode != 0
+    assert "give the checkpoint of that rank too" in alone.stderr, alone.stderr
+    both = tmp_path / "both"
+    proc = run(
+        "explain", str(species), str(family), str(images), "--out", str(both), "--device", "cpu"
+    )
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(both / "explain.tsv", sep="\t")
+    predicted = table.pivot(index="image", columns="rank", values="predicted")
+    parent = {"Sa": "Fa", "Sb": "Fa", "Sc": "Fb"}
+    assert [parent[s] for s in predicted["species"]] == predicted["family"].tolist()

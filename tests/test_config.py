@@ -230,6 +230,7 @@ def test_runtime_keys_are_marked_once_in_the_schema():
         "max_threads",
         "pretrain.device",
         "shards.threads",
+        "test_shard_groups",
         "train.compile",
         "train.device",
         "train.mixed_precision",
@@ -240,12 +241,17 @@ def test_runtime_keys_are_marked_once_in_the_schema():
         "traits.fidelity.threads",
         "traits.heads.device",
         "traits.heads.threads",
+        "traits.progress_seconds",
         "traits.threads",
     ]
     # Loader workers change the data order, so they are a result key.
     assert "num_workers" not in runtime_keys("train.defaults")
     config = validate_config({"traits": {"device": "cpu"}})
-    assert runtime_settings(config, "traits") == {"device": "cpu", "threads": 2}
+    assert runtime_settings(config, "traits") == {
+        "device": "cpu",
+        "progress_seconds": 10,
+        "threads": 2,
+    }
     params = result_settings(config["traits"], "traits", "localization", "fidelity")
     assert not {"device", "threads", "localization", "fidelity"} & set(params)
     assert {"stop", "top_traits", "batch_size", "num_workers"} <= set(params)
@@ -349,6 +355,7 @@ def settings_classes():
     from promptcam.figures import settings as figures
     from promptcam.figures.style import FigureStyle
     from promptcam.training.settings import TrainConfig
+    from promptcam.traits.information import HeadInformationConfig
     from promptcam.traits.run import TraitRunConfig
     from promptcam.traits.search import GreedyConfig
 
@@ -364,6 +371,7 @@ def settings_classes():
         (GreedyConfig, "traits"),
         (FidelityConfig, "traits.fidelity"),
         (HeadsConfig, "traits.heads"),
+        (HeadInformationConfig, "traits.information"),
         (DemoConfig, "demo"),
         (SplitConfig, "splits"),
         (ShardConfig, "shards"),
@@ -406,7 +414,7 @@ def test_every_key_of_a_section_has_its_field():
     taken_out = {
         "demo": {"threads"},
         "shards": {"threads"},
-        "traits": {"localization", "fidelity", "heads"},
+        "traits": {"localization", "fidelity", "heads", "information"},
         "train.defaults": {"model", "transform"},
         "pretrain": {"device", "probe_per_species", "stages"},
     }

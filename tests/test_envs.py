@@ -9,6 +9,8 @@ appends the calling Snakemake's sys.path to the job's.
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
 import sys
 import tomllib
@@ -201,3 +203,54 @@ def test_every_rule_env_holds_what_its_script_imports(repo_root):
     # The deep-learning rules above pull in the heavy stack; make sure the scan saw it.
     train_needs = third_party_imports(repo_root, repo_root / "scripts" / "train.py")
     assert {"torch", "timm", "webdataset"} <= train_needs
+
+
+def test_every_env_installs_the_package_by_its_post_deploy_script(repo_root):
+    """Snakemake runs envs/NAME.post-deploy.sh inside the environment of envs/NAME.yaml right
+    after creating it; each installs this package, so a rule runs in its environment alone."""
+    scripts = {}
+    for env_file in env_files(repo_root):
+        script = env_file.with_name(env_file.stem + ".post-deploy.sh")
+        assert script.exists(), f"{env_file.name} has no {script.name}"
+        scripts[script.name] = script.read_text()
+        dependencies = yaml.safe_load(env_file.read_text())["dependencies"]
+        assert "pip" in dependencies, f"{env_file.name}: the post-deploy script needs pip"
+    assert len(set(scripts.values())) == 1, "the post-deploy scripts differ"
+    text = next(iter(scripts.values()))
+    assert 'pip install --no-deps --no-input --quiet --editable "$repo"' in text
+    # The Snakefile tells the scripts where the repository is (they run from a copy in the
+    # conda prefix, in the working directory).
+    snakefile = (repo_root / "Snakefile").read_text()
+    assert "os.environ.update(PROMPTCAM_REPO=workflow.basedir)" in snakefile
+
+
+def test_post_deploy_script_installs_the_package_alone_into_a_bare_environment(
+    repo_root, tmp_path, run_command
+):
+    """A fresh environment without this machine's packages (a venv standing in for a conda
+    environment; no conda here), the script run as Snakemake runs it (sh, from elsewhere):
+    the package imports from the repository and no dependency came with it."""
+    env_dir = tmp_path / "env"
+    made = run_command([sys.executable, "-m", "venv", str(env_dir)], timeout=120)
+    assert made.returncode == 0, made.stderr
+    script = repo_root / "envs" / "traits.post-deploy.sh"
+    path = f"{env_dir / 'bin'}{os.pathsep}{os.environ['PATH']}"
+    bare = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "VIRTUAL_ENV"}}
+    unset = run_command(["sh", str(script)], timeout=60, cwd=tmp_path, env={**bare, "PATH": path})
+    assert unset.returncode != 0 and "PROMPTCAM_REPO" in unset.stderr, unset.stderr
+    env = {**bare, "PATH": path, "PROMPTCAM_REPO": str(repo_root)}
+    done = run_command(["sh", str(script)], timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    python = env_dir / "bin" / "python"
+    where = run_command(
+        [str(python), "-c", "import promptcam, promptcam.resources; print(promptcam.__file__)"],
+        timeout=60,
+        cwd=tmp_path,
+        env=bare,
+    )
+    assert where.returncode == 0, where.stderr
+    assert Path(where.stdout.strip()) == repo_root / "promptcam" / "__init__.py"
+    listed = run_command([str(python), "-m", "pip", "list", "--format=json"], timeout=60, env=bare)
+    installed = {str(canonicalize_name(p["name"])) for p in json.loads(listed.stdout)}
+    assert "promptcam-traits" in installed
+    assert not installed & {"torch", "numpy", "pandas", "snakemake"}, installed

@@ -425,7 +425,10 @@ def rank_outputs(tmp_path_factory) -> dict[str, Path]:
     }
     siblings = siblings_from_metadata(pd.read_parquet(data / "metadata.parquet"), levels, "genus")
     config = TraitRunConfig(
-        top_traits=2, cross_class_pairs={"genus": ((labels[0], labels[-1]),)}, batch_size=4
+        top_traits=2,
+        cross_class_pairs={"genus": ((labels[0], labels[-1]),)},
+        batch_size=4,
+        drop_uninformative_heads=False,  # no head-information table here: not under test
     )
     run_rank_traits(
         checkpoint=checkpoint,

@@ -70,6 +70,7 @@ def cross_class_dir(results, tmp_path_factory) -> Path:
         outputs={key: out / name for key, name in files.items()},
         config=TraitRunConfig(batch_size=16, threads=1, device="cpu"),
         siblings=siblings_from_taxonomy(results / "data" / "taxonomy.nwk", "genus"),
+        head_information=rank_dir / "head_information.tsv",
     )
     return out
 

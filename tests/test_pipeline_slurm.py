@@ -1,15 +1,22 @@
 """End-to-end on SLURM: the tiny pipeline's data stage, then one rank's train and evaluate,
-submitted through the repo's slurm/ profile to the real local cluster (slurm/local)."""
+submitted through the user profile (slurm/config.yaml) plus the test cluster's overrides
+(slurm/local/config.yaml) to the real local cluster, each job asking for its measured memory
+and time (promptcam.resources)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from promptcam.config import merged, rank_train_settings, validate_config
+from promptcam.resources import JobSize, job_resources, read_split_counts
 
 TIMEOUT_S = 900
 
@@ -30,6 +37,12 @@ def slurm_job_ids(workdir: Path, rule: str) -> list[str]:
     return sorted(path.stem for path in logs)
 
 
+def memory_mb(shown: str) -> int:
+    """A job's memory request from `scontrol -o show job` (MinMemoryNode=3G, 2304M, ...)."""
+    value, unit = re.search(r"MinMemoryNode=(\d+)([MGT])", shown).groups()
+    return int(value) * {"M": 1, "G": 1024, "T": 1024**2}[unit]
+
+
 @pytest.mark.slow
 def test_one_rank_trains_and_evaluates_through_slurm(
     slurm_cluster, repo_root, tmp_path, run_command
@@ -43,7 +56,8 @@ def test_one_rank_trains_and_evaluates_through_slurm(
     # GPU rules ask the cluster for its (fake, counted) GPU, as on a real cluster; the tiny
     # config still trains on the CPU.
     cmd = [sys.executable, "-m", "snakemake", "results/genus/eval.json", "--cores", "2",
-           "--profile", str(repo_root / "slurm"), "--snakefile", str(repo_root / "Snakefile"),
+           "--profile", str(repo_root / "slurm"), "--profile", str(repo_root / "slurm" / "local"),
+           "--snakefile", str(repo_root / "Snakefile"),
            "--directory", str(workdir), "--slurm-keep-successful-logs",
            "--config", "gpus_per_job=1",
            "--configfile", str(configfile)]  # fmt: skip
@@ -76,3 +90,24 @@ def test_one_rank_trains_and_evaluates_through_slurm(
     assert "JobState=COMPLETED" in shown, shown
     assert f"Partition={slurm_cluster.partition} " in shown, shown
     assert "gres:gpu:1" in shown or "gres/gpu:1" in shown, shown
+    # The train job asked for what promptcam.resources says genus needs, from its label map.
+    classes, train, val, test = read_split_counts(workdir / "results/data/labels/genus.tsv")
+    config = merged(
+        yaml.safe_load((repo_root / "config" / "config.yaml").read_text()),
+        yaml.safe_load(configfile.read_text()),
+    )
+    validate_config(config, repo_root / "workflow" / "schemas" / "config.schema.yaml")
+    epochs = rank_train_settings(config["train"], "genus", config["levels"])["epochs"]
+    size = JobSize(train + val + test, train, val, test, classes, epochs)
+    request = job_resources("train", size)
+    hours, minutes = divmod(request.runtime, 60)
+    assert f"TimeLimit={hours:02d}:{minutes:02d}:00 " in shown, (request, shown)
+    assert memory_mb(shown) == request.mem_mb, (request, shown)
+    # A CPU rule: no GPU, its own measured request, the CPU partition.
+    data_job = slurm_job_ids(workdir, "write_shards")[0]
+    data = subprocess.run(
+        ["scontrol", "-o", "show", "job", data_job], capture_output=True, text=True, timeout=30
+    ).stdout
+    data_request = job_resources("write_shards", JobSize(images=train + val + test))
+    assert memory_mb(data) == data_request.mem_mb, (data_request, data)
+    assert "gres:gpu" not in data and "gres/gpu" not in data, data

@@ -1,13 +1,137 @@
-"""End-to-end: the repo's slurm/ profile runs a tiny workflow through a real SLURM."""
+"""The SLURM profiles: the user profile's content (placeholders, GPU rules, measured resources)
+and, end to end, the user profile plus the test cluster's overrides running a tiny workflow
+through a real SLURM."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import SLURM_PARTITION
+
+from promptcam.config import runtime_keys
+from promptcam.resources import GPU_RULES, MEASURED, UNITS
+
+PLACEHOLDER = re.compile(r"^<[a-z-]+>$")
+# What the test cluster's profile may override: its status command, accounts, check interval,
+# and the whole resource mappings (a later --profile replaces top-level keys).
+TEST_CLUSTER_KEYS = {
+    "slurm-status-command",
+    "slurm-no-account",
+    "slurm-init-seconds-before-status-checks",
+    "default-resources",
+    "set-resources",
+}
+RULE = re.compile(r"^rule (\w+):\n(.*?)(?=^\S|\Z)", re.S | re.M)
+SITE_KEYS = {"slurm_account", "slurm_partition", "constraint"}
+
+
+def profile(repo_root: Path, *parts: str) -> dict:
+    return yaml.safe_load((repo_root.joinpath("slurm", *parts, "config.yaml")).read_text())
+
+
+def workflow_rules(repo_root: Path) -> dict[str, str]:
+    """{rule name: its body} of every rule in workflow/rules/*.smk."""
+    rules = {}
+    for smk in sorted((repo_root / "workflow" / "rules").glob("*.smk")):
+        for name, body in RULE.findall(smk.read_text()):
+            rules[name] = body
+    return rules
+
+
+def resources_block(body: str) -> str:
+    found = re.search(r"^    resources:\n((?:        .*\n)+)", body, re.M)
+    return found.group(1) if found else ""
+
+
+def reads_a_device(script: Path) -> bool:
+    """Whether a rule's adapter gives its job a device setting (``["device"]`` of a config
+    section, or the runtime settings of a section whose schema has a ``device`` key): the job
+    runs a model there, on a GPU where there is one."""
+    text = script.read_text()
+    if re.search(r"\[\"device\"\]", text):
+        return True
+    sections = re.findall(r'runtime_settings\(snakemake\.config, "([\w.]+)"\)', text)
+    return any("device" in runtime_keys(section) for section in sections)
+
+
+def test_user_profile_has_placeholders_for_the_site(repo_root):
+    user = profile(repo_root)
+    defaults = user["default-resources"]
+    assert PLACEHOLDER.match(defaults["slurm_account"]), defaults
+    assert PLACEHOLDER.match(defaults["slurm_partition"]), defaults
+    assert user["retries"] >= 1
+    gpu_partitions = {entry["slurm_partition"] for entry in user["set-resources"].values()}
+    constraints = {entry["constraint"] for entry in user["set-resources"].values()}
+    assert len(gpu_partitions) == 1 and PLACEHOLDER.match(gpu_partitions.pop())
+    assert len(constraints) == 1 and PLACEHOLDER.match(constraints.pop())
+    assert gpu_partitions.isdisjoint({defaults["slurm_partition"]})
+    text = (repo_root / "slurm" / "config.yaml").read_text()
+    # How the rules' software is deployed is the site's choice: both ways are there, commented.
+    assert re.search(r"^# software-deployment-method: conda$", text, re.M), text
+    assert re.search(r"^# software-deployment-method: apptainer$", text, re.M), text
+    # The test cluster's settings live in slurm/local/config.yaml only.
+    assert not (TEST_CLUSTER_KEYS - {"default-resources", "set-resources"}) & set(user)
+
+
+def test_gpu_asked_for_exactly_by_the_rules_that_use_one(repo_root):
+    rules = workflow_rules(repo_root)
+    wrong = []
+    for name, body in rules.items():
+        script = re.search(r'script:\s*\n\s*"([^"]+)"', body)
+        if script is None:
+            continue
+        uses = reads_a_device(repo_root / "workflow" / "rules" / script.group(1))
+        asks = "gpu=" in resources_block(body)
+        if uses != asks or (name in GPU_RULES) != asks:
+            wrong.append(
+                f"{name}: reads a device {uses}, asks gpu {asks}, GPU_RULES {name in GPU_RULES}"
+            )
+    assert not wrong, "\n".join(wrong)
+    assert {"train", "evaluate", "traits", "fidelity"} <= GPU_RULES
+    assert "localization" not in GPU_RULES
+
+
+def test_set_resources_name_exactly_the_gpu_rules(repo_root):
+    rules = workflow_rules(repo_root)
+    gpu_rules = {name for name, body in rules.items() if "gpu=" in resources_block(body)}
+    for parts in ((), ("local",)):
+        entries = profile(repo_root, *parts)["set-resources"]
+        assert set(entries) == gpu_rules, (parts, sorted(entries), sorted(gpu_rules))
+        assert set(entries) <= set(rules)
+
+
+def test_every_rule_asks_for_its_measured_resources(repo_root):
+    rules = workflow_rules(repo_root)
+    cluster_rules = {name for name, body in rules.items() if "localrule: True" not in body}
+    missing = [
+        name
+        for name in sorted(cluster_rules)
+        if not {"mem_mb=measured_mem_mb,", "runtime=measured_runtime,"}
+        <= {line.strip() for line in resources_block(rules[name]).splitlines()}
+    ]
+    assert not missing, f"rules without measured resources: {missing}"
+    assert set(MEASURED) == cluster_rules, sorted(set(MEASURED) ^ cluster_rules)
+    assert set(UNITS) == set(MEASURED)
+
+
+def test_test_profile_overrides_only_the_test_cluster_settings(repo_root):
+    user, local = profile(repo_root), profile(repo_root, "local")
+    assert set(local) <= TEST_CLUSTER_KEYS, sorted(set(local) - TEST_CLUSTER_KEYS)
+    assert local["slurm-status-command"] == "squeue"
+    assert local["default-resources"]["slurm_partition"] == SLURM_PARTITION
+    # default-resources replaces the user's whole mapping: it keeps every non-site entry.
+    kept = {k: v for k, v in user["default-resources"].items() if k not in SITE_KEYS}
+    assert kept.items() <= local["default-resources"].items(), (kept, local)
+    assert "slurm_account" not in local["default-resources"]
+    for entry in local["set-resources"].values():
+        assert entry == {"slurm_partition": SLURM_PARTITION}, entry
+
 
 SNAKEFILE = """
 rule all:
@@ -51,9 +175,10 @@ def test_profile_runs_jobs_through_slurm(slurm_cluster, repo_root, tmp_path):
     (workdir / "Snakefile").write_text(SNAKEFILE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SNAKEMAKE_PROFILE")}
     env.pop("SLURM_JOB_ID", None)
+    # The user profile as it is, plus the test cluster's overrides (slurm/local/config.yaml).
     cmd = [sys.executable, "-m", "snakemake", "--cores", "8",
-           "--profile", str(repo_root / "slurm"), "--directory", str(workdir),
-           "--snakefile", str(workdir / "Snakefile")]  # fmt: skip
+           "--profile", str(repo_root / "slurm"), "--profile", str(repo_root / "slurm" / "local"),
+           "--directory", str(workdir), "--snakefile", str(workdir / "Snakefile")]  # fmt: skip
     try:
         proc = subprocess.run(
             cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300

@@ -469,13 +469,21 @@ def test_scoring_every_class_in_any_order_gives_the_full_loss_and_gradients() ->
 def test_sampled_classes_train_the_scalable_layout_only(
     tiny: SimpleNamespace, tmp_path: Path
 ) -> None:
-    # 4 genera, 3 scored per step: the batch's 1-2 and 1-2 drawn from the others.
-    config = small_config(epochs=25, warmup_epochs=2, batch_size=2, sampled_classes=3)
-    train(tiny, tmp_path / "sampled", config, rank="genus")
-    metrics = read_metrics(tmp_path / "sampled" / "metrics.tsv")
-    # Validation scores all 4 genera (chance 0.25).
-    assert metrics["val_top1"].iloc[-3:].mean() >= 0.75
-    assert metrics["val_loss"].iloc[-1] < 0.8 * metrics["val_loss"].iloc[0]
+    # 4 genera, 3 scored per step: the batch's 1-2 and 1-2 drawn from the others. On 12
+    # validation images one seed's top-1 swings from 0.42 to 0.92 (the full softmax's from 0.67
+    # to 0.92; measured over seeds 0-5), so learning is asserted on the mean over six seeds.
+    top1, loss_ratio = [], []
+    for seed in range(6):
+        config = small_config(
+            epochs=25, warmup_epochs=2, batch_size=2, sampled_classes=3, seed=seed
+        )
+        train(tiny, tmp_path / f"sampled{seed}", config, rank="genus")
+        metrics = read_metrics(tmp_path / f"sampled{seed}" / "metrics.tsv")
+        top1.append(metrics["val_top1"].iloc[-3:].mean())
+        loss_ratio.append(metrics["val_loss"].iloc[-1] / metrics["val_loss"].iloc[0])
+    # Validation scores all 4 genera (chance 0.25); measured: mean 0.63, loss ratio 0.74.
+    assert np.mean(top1) >= 0.55, top1
+    assert np.mean(loss_ratio) <= 0.9, loss_ratio
     with pytest.raises(ValueError, match=r"needs model\.layout: scalable"):
         train(tiny, tmp_path / "reference", config, rank="genus", model_config={})
 
@@ -578,6 +586,8 @@ def test_sibling_objective_learns_genus_within_family_and_selects_on_it(
     best = metrics["val_sibling_top1"].max()
     assert extra["best_epoch"] == int(metrics["val_sibling_top1"].idxmax()) + 1
     assert extra["best_val_sibling_top1"] == pytest.approx(best, abs=1e-6)
+    # Each class's parent, from which explain reads the model top-down.
+    assert extra["label_parents"] == ["Caeruleidae", "Caeruleidae", "Rubridae", "Rubridae"]
     # Chance within a family's two genera: 0.5. One run (seed 0) reached 1.0 (12 of 12 val
     # images) at epoch 14 (flat val top-1 then 0.33: scores of different families are never
     # compared); 0.9 allows one miss.

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from promptcam.cli import main as cli_main
-from promptcam.model.checkpoint import save_checkpoint
+from promptcam.model.checkpoint import load_checkpoint, save_checkpoint
 from promptcam.model.last_block import encode_for_search, score_candidates, target_rows
+from promptcam.model.predict import load_image
 from promptcam.model.prompt_cam import PromptCAM
 from promptcam.model.spec import BackboneSpec, PromptCAMConfig
 from promptcam.traits.cross_class import (
@@ -417,6 +418,23 @@ def test_cli_traits_writes_one_row_per_image_and_head(tmp_path) -> None:
     flipped = pd.read_parquet(out)
     assert (flipped["removal_step"].isna() == flipped["kept"]).all()
 
+    # The contrastive criterion from the command line: the batched search's own order.
+    model, meta = load_checkpoint(checkpoint)
+    assert cli_main([*argv, "--criterion", "contrastive", "--rivals", "2"]) == 0
+    contrastive = pd.read_parquet(out)
+    images = torch.stack(
+        [load_image(folder / f"img{index}.png", meta.preprocessing) for index in range(3)]
+    )
+    with torch.no_grad():
+        predicted = model(images).argmax(dim=-1)
+    trace = greedy_heads(model, images, predicted, criterion="contrastive", rivals=2)
+    for index in range(3):
+        rows = contrastive[contrastive["image"] == f"img{index}.png"].dropna(
+            subset=["removal_step"]
+        )
+        removed = rows.sort_values("removal_step")["head"].tolist()
+        assert removed == trace.order[index, : len(removed)].tolist()
+
 
 def test_a_siblings_model_is_searched_among_the_targets_siblings() -> None:
     """train.objective siblings: the prediction and the probabilities the search ranks heads by
@@ -443,3 +461,88 @@ def test_a_siblings_model_is_searched_among_the_targets_siblings() -> None:
     steps = among.trace.step_predicted[among.trace.searched]
     rows = targets.numpy()[among.trace.searched]
     assert (groups.numpy()[steps] == groups.numpy()[rows][:, None]).all()
+
+
+@pytest.mark.parametrize(("layout", "variant"), LAYOUTS)
+@pytest.mark.parametrize("rivals", [1, 16])
+@pytest.mark.parametrize("seed", range(4))
+def test_contrastive_search_matches_naive_full_forwards(
+    layout: str, variant: str, rivals: int, seed: int
+) -> None:
+    """The contrastive criterion: blurred in the target's and its rivals' rows (one rival, or
+    all three other classes), candidates compared on the target's log-probability; the
+    oracle zeroes those rows' attention logits in a full forward per candidate."""
+    model = random_model(seed, layout, variant, num_heads=5).double()
+    images = random_images(6, seed).double()
+    targets = targets_with_misclassified(model, images)
+    batched = greedy_heads(model, images, targets, criterion="contrastive", rivals=rivals)
+    naive = greedy_heads_naive(model, images, targets, criterion="contrastive", rivals=rivals)
+    assert_same_trace(batched, naive)
+    assert batched.searched.sum() >= 2
+
+
+def test_contrastive_and_reference_criteria_rank_heads_differently() -> None:
+    """Not a renamed reference: on random models the two criteria disagree on some step."""
+    disagreements = 0
+    for seed in range(4):
+        model = random_model(seed).double()
+        images = random_images(6, seed).double()
+        targets = targets_with_misclassified(model, images)
+        reference = greedy_heads(model, images, targets)
+        contrastive = greedy_heads(model, images, targets, criterion="contrastive")
+        disagreements += int((reference.order != contrastive.order).any(axis=1).sum())
+    assert disagreements > 0
+
+
+def test_blurring_in_rival_rows_leaves_the_other_classes_and_excluded_ones_alone() -> None:
+    from promptcam.model.last_block import class_rows, rival_classes, score_candidates_in_rows
+
+    model = random_model(5, "scalable", "deep", num_heads=4).double()
+    tokens = model.encode_to_last_block(random_images(3, 5).double())
+    scores = model.last_block_scores(tokens)
+    targets = torch.tensor([0, 2, 3])
+    scores[2, 1] = float("-inf")  # class 1 outside image 2's sibling group
+    classes = rival_classes(scores, targets, rivals=3)
+    assert classes[:, 0].tolist() == targets.tolist()
+    assert classes[2, -1] == 1  # the excluded class comes last
+    assert rival_classes(scores, targets, rivals=1).shape == (3, 2)
+    masks = torch.ones(3, 1, 4, dtype=torch.bool)  # every head blurred
+    out = score_candidates_in_rows(
+        model, class_rows(model, tokens, classes, scores), classes, scores, masks
+    )
+    for image in range(3):
+        chosen = set(classes[image].tolist())
+        for c in range(NUM_CLASSES):
+            if c not in chosen or torch.isinf(scores[image, c]):
+                assert out[image, 0, c] == scores[image, c]
+            else:
+                expected = model.last_block_scores(
+                    tokens[image : image + 1], torch.tensor([c]), masks[image : image + 1]
+                )[0, 0, c]
+                torch.testing.assert_close(out[image, 0, c], expected)
+
+
+def test_dropped_heads_are_blurred_first_and_never_kept() -> None:
+    model = random_model(6)
+    images = random_images(6, 6)
+    with torch.no_grad():
+        targets = model(images).argmax(dim=-1)
+    trace = identify_traits(model, images, targets, dropped=[3, 1]).trace
+    assert (trace.order[:, :2] == [3, 1]).all()
+    for config in (GreedyConfig(stop="top-k", top_traits=3), GreedyConfig(stop="misclassified")):
+        search = stop_search(trace, config, num_dropped=2)
+        kept = search.kept()
+        assert not kept[:, [1, 3]].any()
+        assert (search.num_removed >= 2).all()
+    # top-k 3 of 4 heads with 2 dropped keeps the 2 informative ones.
+    search = stop_search(trace, GreedyConfig(stop="top-k", top_traits=3), num_dropped=2)
+    assert search.kept()[:, [0, 2]].all()
+    with pytest.raises(ValueError, match="num_dropped"):
+        stop_search(trace, GreedyConfig(), num_dropped=5)
+
+
+def test_greedy_config_refuses_an_unknown_criterion() -> None:
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        GreedyConfig(criterion="margin")
+    with pytest.raises(ValueError, match="rivals"):
+        GreedyConfig(criterion="contrastive", rivals=0)

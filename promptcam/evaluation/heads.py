@@ -4,7 +4,9 @@ search keeps them: ``results/{rank}/heads.tsv``, one row per head.
 * **Class information**: a head can reach the scores only through its output in the class
   prompts' rows, so those outputs (C rows x d values per image) are the features of a
   logistic regression (standardised, ``probe_c``), fitted on the train split and scored
-  (top-1) on the test split; ``class_information_chance`` is 1 / C. A head that the search
+  (top-1) on the test split; ``class_information_chance`` is 1 / C. The same probe scored on
+  the validation split decides which heads the trait search drops
+  (:mod:`promptcam.traits.information`). A head that the search
   keeps while it carries chance-level information moves the target's score without telling
   the classes apart.
 * **Localisation**: each head's target-class map (``trait_maps.npz``) on the searched test
@@ -36,6 +38,7 @@ from promptcam.evaluation.localization import (
     pointing_hits,
 )
 from promptcam.evaluation.tables import HEADS_COLUMNS, write_heads_table
+from promptcam.traits.information import HeadForward, head_class_information, head_forward
 from promptcam.traits.tables import TraitMaps, read_trait_maps
 
 LOGGER = logging.getLogger(__name__)
@@ -67,90 +70,6 @@ class HeadsConfig:
     def __post_init__(self) -> None:
         if self.probe_c <= 0:
             raise ValueError(f"probe_c must be positive, got {self.probe_c}")
-
-
-@dataclass(frozen=True)
-class HeadForward:
-    """One split through the model's last block.
-
-    Attributes:
-        features: (N, H, C * d) every class row's output of each head.
-        labels: (N,) true classes; predicted: (N,) the model's top-1.
-        maps: (N, H, h, w) each head's attention of the true class's prompt over the patches.
-        masks: (N,) bitmask images of the split, or None without masks.
-        sample_ids: (N,).
-    """
-
-    features: np.ndarray
-    labels: np.ndarray
-    predicted: np.ndarray
-    maps: np.ndarray
-    masks: list[np.ndarray] | None
-    sample_ids: list[str]
-
-
-@torch.inference_mode()
-def head_forward(model, loader, device: torch.device, with_masks: bool) -> HeadForward:
-    """Run ``loader``'s images (``split_loader`` order) through ``model`` (a PromptCAM)."""
-    from promptcam.model.last_block import target_rows
-
-    grid = tuple(model.backbone.patch_embed.grid_size)
-    features, labels, predicted, maps, masks, ids = [], [], [], [], [], []
-    for images, batch_labels, meta in loader:
-        images, batch_labels = images.to(device), batch_labels.to(device)
-        tokens = model.encode_to_last_block(images)
-        scores, attention = model.last_block_attention(tokens)  # (B, H, C, P)
-        rows = [
-            target_rows(model, tokens, torch.full_like(batch_labels, c), scores).attended
-            for c in range(model.num_classes)
-        ]  # C x (B, H, d)
-        features.append(torch.stack(rows, dim=2).flatten(2).float().cpu().numpy())
-        batch = torch.arange(len(batch_labels), device=device)
-        own = attention[batch, :, batch_labels]  # (B, H, P)
-        maps.append(own.unflatten(-1, grid).float().cpu().numpy())
-        labels.append(batch_labels.cpu().numpy())
-        predicted.append(scores.argmax(dim=1).cpu().numpy())
-        ids.extend(meta["sample_id"])
-        if with_masks:
-            masks.extend(mask.numpy() for mask in meta["mask"])
-    return HeadForward(
-        features=np.concatenate(features),
-        labels=np.concatenate(labels),
-        predicted=np.concatenate(predicted),
-        maps=np.concatenate(maps),
-        masks=masks if with_masks else None,
-        sample_ids=ids,
-    )
-
-
-def head_class_information(
-    train: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
-    probe_c: float = 0.1,
-    max_iter: int = 3000,
-) -> np.ndarray:
-    """Test top-1 (H,) of a per-head logistic regression fitted on the train features.
-
-    Args:
-        train, test: (features (N, H, F), labels (N,)).
-
-    Returns:
-        One accuracy per head; NaN where the train split has fewer than two classes.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    (train_x, train_y), (test_x, test_y) = train, test
-    heads = train_x.shape[1]
-    if len(np.unique(train_y)) < 2 or not len(test_y):
-        return np.full(heads, np.nan)
-    accuracy = np.empty(heads)
-    for head in range(heads):
-        probe = make_pipeline(StandardScaler(), LogisticRegression(C=probe_c, max_iter=max_iter))
-        probe.fit(train_x[:, head], train_y)
-        accuracy[head] = float((probe.predict(test_x[:, head]) == test_y).mean())
-    return accuracy
 
 
 def head_localization(

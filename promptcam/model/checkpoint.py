@@ -129,6 +129,38 @@ def read_torch_file(path: str | os.PathLike, what: str) -> Any:
         ) from error
 
 
+def top_down_parents(meta: CheckpointMeta, path: str | os.PathLike) -> list[str] | None:
+    """Each class's parent if the model must be read top-down, else None.
+
+    A model trained among siblings (``train.objective: siblings``) never compared classes of
+    different parents, so its flat argmax means nothing (on the demo its flat species top-1 is
+    0.21, within siblings 0.95): it is read among the children of the class predicted at the
+    rank above. At the coarsest rank (one parent) that is the flat reading.
+    """
+    objective = meta.extra.get("train_config", {}).get("objective", "flat")
+    if objective != "siblings":
+        return None
+    parents = meta.extra.get("label_parents")
+    if parents is None:
+        raise ValueError(
+            f"{path} was trained among siblings (train.objective: siblings) before checkpoints "
+            "recorded each class's parent, which reading it needs: retrain that rank"
+        )
+    return None if len(set(parents)) <= 1 else list(parents)
+
+
+def require_flat_reading(meta: CheckpointMeta, path: str | os.PathLike) -> None:
+    """Refuse a model that must be read top-down (:func:`top_down_parents`) where only its
+    own scores are at hand."""
+    if top_down_parents(meta, path) is not None:
+        raise ValueError(
+            f"{path} was trained among siblings (train.objective: siblings): its scores are "
+            "only comparable within a parent, so reading it needs the rank above's "
+            "prediction: run `promptcam explain` with the checkpoints of the ranks above it "
+            "too (it reads them top-down), or use a model trained with train.objective: flat"
+        )
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     backbone_weights: str | os.PathLike | None = None,

@@ -75,17 +75,57 @@ def target_rows(model: PromptCAM, tokens: Tensor, targets: Tensor, scores: Tenso
     )
 
 
-def score_candidates(model: PromptCAM, rows: TargetRows, masks: Tensor) -> Tensor:
-    """Scores (B, K, C) with the heads of ``masks`` (B, K, H) blurred in each target's row."""
+def _row_scores(model: PromptCAM, rows: TargetRows, masks: Tensor) -> Tensor:
+    """Scores (B, K) of each row's own class with the heads of ``masks`` (B, K, H) blurred."""
     block = model.backbone.blocks[-1]
     attn = block.attn
     heads = torch.where(masks[..., None], rows.uniform[:, None], rows.attended[:, None])
     x = rows.residual[:, None] + block.ls1(attn.proj(attn.norm(heads.flatten(-2))))
     x = x + block.ls2(block.mlp(block.norm2(x)))
-    target_scores = model.head(model.backbone.norm(x)).to(rows.scores.dtype)  # (B, K, 1)
+    return model.head(model.backbone.norm(x)).squeeze(-1).to(rows.scores.dtype)
+
+
+def score_candidates(model: PromptCAM, rows: TargetRows, masks: Tensor) -> Tensor:
+    """Scores (B, K, C) with the heads of ``masks`` (B, K, H) blurred in each target's row."""
     scores = rows.scores[:, None].expand(-1, masks.shape[1], -1).clone()
     index = rows.targets[:, None, None].expand(-1, masks.shape[1], 1)
-    return scores.scatter_(2, index, target_scores)
+    return scores.scatter_(2, index, _row_scores(model, rows, masks)[..., None])
+
+
+def rival_classes(scores: Tensor, targets: Tensor, rivals: int) -> Tensor:
+    """(B, 1 + R) classes: each image's target, then its ``rivals`` best-scoring other classes
+    (R = min(rivals, C - 1)), best first; classes at -inf (outside a sibling group) come last."""
+    batch, num_classes = scores.shape
+    ranked = scores.argsort(dim=1, descending=True, stable=True)
+    others = ranked[ranked != targets[:, None]].view(batch, num_classes - 1)
+    return torch.cat([targets[:, None], others[:, : min(rivals, num_classes - 1)]], dim=1)
+
+
+def class_rows(model: PromptCAM, tokens: Tensor, classes: Tensor, scores: Tensor) -> TargetRows:
+    """:class:`TargetRows` of the rows of ``classes`` (B, M) of every image, image-major
+    (B * M rows); each row's ``scores`` are its image's unblurred ``scores`` (B, C)."""
+    width = classes.shape[1]
+    return target_rows(
+        model,
+        tokens.repeat_interleave(width, 0),
+        classes.flatten(),
+        scores.repeat_interleave(width, 0),
+    )
+
+
+def score_candidates_in_rows(
+    model: PromptCAM, rows: TargetRows, classes: Tensor, scores: Tensor, masks: Tensor
+) -> Tensor:
+    """Scores (B, K, C) with the heads of ``masks`` (B, K, H) blurred in the rows of every class
+    of ``classes`` (B, M) (``rows``: :func:`class_rows` of them); the other classes keep their
+    unblurred ``scores`` (B, C), and so do classes at -inf (outside the target's sibling group)."""
+    width = classes.shape[1]
+    blurred = _row_scores(model, rows, masks.repeat_interleave(width, 0))  # (B * M, K)
+    blurred = blurred.unflatten(0, (-1, width)).transpose(1, 2)  # (B, K, M)
+    out = scores[:, None].expand(-1, masks.shape[1], -1).clone()
+    index = classes[:, None].expand(-1, masks.shape[1], -1)
+    kept = out.gather(2, index).isneginf()
+    return out.scatter_(2, index, torch.where(kept, float("-inf"), blurred.to(out.dtype)))
 
 
 def encode_for_search(model: PromptCAM, images: Tensor, precision: EncodePrecision) -> Tensor:

@@ -24,7 +24,7 @@ from torchvision.transforms import InterpolationMode
 
 from promptcam.data.images import ImageSettings, decode
 from promptcam.io import atomic_path
-from promptcam.model.checkpoint import load_checkpoint
+from promptcam.model.checkpoint import load_checkpoint, require_flat_reading
 from promptcam.model.spec import Preprocessing
 
 __all__ = ["DEFAULT_TOP_K", "IMAGE_SUFFIXES", "list_images", "load_image", "predict"]
@@ -151,6 +151,7 @@ def predict(
     root, names = list_images(image_or_dir)  # first: a wrong path fails before the model loads
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_checkpoint(ckpt, backbone_weights=backbone_weights)
+    require_flat_reading(meta, ckpt)
     model.to(device)
     labels = np.array(meta.label_names, dtype=str)
     num_images, num_classes = len(names), model.num_classes

@@ -345,7 +345,8 @@ class PromptCAM(nn.Module):
         class_index: Tensor | None = None,
         blurred_heads: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Like :meth:`last_block_scores` ((B, H) masks only), materialising the attention.
+        """Like :meth:`last_block_scores` ((B, H) masks only), materialising the attention;
+        ``class_index`` may also be (B, M): the heads are blurred in all M rows of each image.
 
         Returns:
             scores (B, C) and attention (B, H, C, patches): the softmax over all keys of the last
@@ -357,7 +358,9 @@ class PromptCAM(nn.Module):
             if class_index is None:
                 raise ValueError("blurred_heads needs class_index")
             images, heads = blurred_heads.nonzero(as_tuple=True)
-            logits[images, heads, class_index[images]] = 0.0
+            rows = class_index if class_index.dim() == 2 else class_index[:, None]
+            for row in rows.unbind(dim=1):
+                logits[images, heads, row[images]] = 0.0
         attention = logits.softmax(dim=-1)
         scores = self._last_block_scores(_merge_heads(attention @ v), residual)
         num_patches = tokens.shape[1] - self._num_leading_tokens

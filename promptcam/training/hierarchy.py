@@ -26,6 +26,7 @@ from promptcam.data.metadata import read_label_map
 __all__ = [
     "parent_indices",
     "path_accuracy",
+    "read_label_parents",
     "read_parent_indices",
     "read_sibling_groups",
     "sibling_groups",
@@ -55,6 +56,11 @@ def _checked_label_map(labels_tsv: str | os.PathLike) -> pd.DataFrame:
     if labels["index"].tolist() != list(range(len(labels))):
         raise ValueError(f"{labels_tsv}: the index column must be 0..C-1 in order")
     return labels
+
+
+def read_label_parents(labels_tsv: str | os.PathLike) -> list[str]:
+    """Each class's parent name in index order (``""`` at the coarsest rank)."""
+    return _checked_label_map(labels_tsv)["parent"].fillna("").astype(str).tolist()
 
 
 def read_sibling_groups(labels_tsv: str | os.PathLike) -> np.ndarray:

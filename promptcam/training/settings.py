@@ -39,8 +39,14 @@ class TrainConfig:
     # image's parent only (labels/{rank}.tsv's parent column; promptcam.training.hierarchy),
     # selected on val top-1 within siblings and read top-down.
     objective: str = "flat"
+    # Data-parallel processes (one per GPU) that train the rank together, each on batch_size
+    # images of every step: the global batch is batch_size * gpus, at lr as given
+    # (promptcam.training.train, "Several GPUs").
+    gpus: int = 1
 
     def __post_init__(self) -> None:
+        if self.gpus < 1:
+            raise ValueError(f"gpus must be >= 1 (data-parallel processes), not {self.gpus}")
         if self.epochs < 1 or self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError(f"epochs and batch sizes must be >= 1: {self}")
         if not 0 <= self.warmup_epochs <= self.epochs:

@@ -2,6 +2,14 @@
 
 A run resumes from ``last.pt`` only when the fingerprint of everything that determines its
 tensors is the same (settings that only say where or how it runs are left out).
+
+``last.pt`` (format 2) holds ``fingerprint``, ``epoch`` (epochs finished), the trainable
+``tensors``, the ``optimizer`` state with its momentum buffers, the ``best`` epoch so far with
+its tensors, the metrics rows (``history``) and ``position``: None after a finished epoch, or,
+when a signal stopped the run inside epoch ``epoch + 1`` (:mod:`promptcam.training.preemption`),
+where it stood after its last optimizer step (:class:`EpochPosition`): the steps done, the
+chunks each loader lane had delivered, the epoch's data seed (a check), and per process its
+partial sums of the epoch's metrics and its python, numpy and torch RNG states.
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +35,7 @@ from promptcam.training.settings import TrainConfig
 
 LOGGER = logging.getLogger(__name__)
 
-STATE_FORMAT = "promptcam-train-state/1"
+STATE_FORMAT = "promptcam-train-state/2"
 
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
@@ -81,13 +90,76 @@ def run_identity(
     }
 
 
+@dataclass
+class ProcessPosition:
+    """One process's part of a mid-epoch position: its sums of the epoch's train metrics so
+    far (over its own samples) and its RNG states (:func:`promptcam.training.runtime.rng_states`)."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int
+    rng: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EpochPosition:
+    """Where a run stopped inside an epoch: after ``steps`` global steps, when loader lane
+    ``lane`` had delivered ``chunks_done[lane]`` chunks; ``lr`` of the last step."""
+
+    steps: int
+    chunks_done: dict[int, int]
+    lr: float
+    epoch_seed: int
+    processes: list[ProcessPosition] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "chunks_done": dict(self.chunks_done),
+            "lr": self.lr,
+            "epoch_seed": self.epoch_seed,
+            "processes": [process.as_dict() for process in self.processes],
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> EpochPosition:
+        return cls(
+            steps=values["steps"],
+            chunks_done=dict(values["chunks_done"]),
+            lr=values["lr"],
+            epoch_seed=values["epoch_seed"],
+            processes=[ProcessPosition(**process) for process in values["processes"]],
+        )
+
+
+@dataclass
+class Resumed:
+    """What a run starts from: epochs finished, metrics rows, the best epoch so far, and the
+    position inside the next epoch (None: at its start)."""
+
+    epochs_done: int
+    history: list[dict[str, float]]
+    best: dict[str, Any]
+    position: EpochPosition | None = None
+
+
 def start_or_resume(
     path: Path, fingerprint: str, model: PromptCAM, optimizer: torch.optim.Optimizer
-) -> tuple[int, list[dict[str, float]], dict[str, Any]]:
-    """(epochs done, metrics rows, best so far), restoring model and optimizer from ``path``."""
+) -> Resumed:
+    """Restore model and optimizer from ``path`` when it belongs to this run; else a fresh start."""
     state = load_training_state(path, fingerprint)
     if state is None:
-        return 0, [], {"epoch": 0, "val_top1": -1.0, "tensors": trainable_state(model)}
+        best = {"epoch": 0, "val_top1": -1.0, "tensors": trainable_state(model)}
+        return Resumed(0, [], best)
     load_trainable(model, state["tensors"])
     optimizer.load_state_dict(state["optimizer"])
-    return state["epoch"], state["history"], state["best"]
+    position = state.get("position")
+    return Resumed(
+        state["epoch"],
+        state["history"],
+        state["best"],
+        None if position is None else EpochPosition.from_dict(position),
+    )

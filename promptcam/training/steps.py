@@ -4,7 +4,9 @@ the sibling softmax (objective siblings), and validation."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from promptcam.model.prompt_cam import PromptCAM
-from promptcam.training.runtime import autocast, batches, collect_scores, mean_loss, topk_accuracy
+from promptcam.training.runtime import autocast, collect_scores, mean_loss, topk_accuracy
 from promptcam.training.settings import TrainConfig
 
 
@@ -93,6 +95,104 @@ class EpochStats:
     samples: int
 
 
+@dataclass
+class EpochTally:
+    """An epoch so far on this process: sums over its own samples (on the device: reading them
+    every step would stall a GPU's queue), global ``steps`` done, how many chunks each loader
+    lane has delivered (:class:`promptcam.data.reader.TrainingStream`), the last step's lr."""
+
+    loss_sum: Tensor
+    correct: Tensor
+    seen: int = 0
+    steps: int = 0
+    chunks_done: dict[int, int] = field(default_factory=dict)
+    lr: float = 0.0
+
+    @classmethod
+    def empty(cls, device: torch.device, lr: float = 0.0) -> EpochTally:
+        zero = torch.zeros((), device=device)
+        return cls(loss_sum=zero, correct=torch.zeros((), dtype=torch.long, device=device), lr=lr)
+
+    def stats(self) -> EpochStats:
+        if self.seen == 0:
+            raise ValueError("the training loader yielded no samples")
+        loss, top1 = self.loss_sum.item() / self.seen, self.correct.item() / self.seen
+        return EpochStats(lr=self.lr, loss=loss, top1=top1, samples=self.seen)
+
+
+def _training_batches(
+    loader: DataLoader, device: torch.device
+) -> Iterator[tuple[Tensor, Tensor, dict[str, Any]]]:
+    for images, labels, meta in loader:
+        yield images.to(device, non_blocking=True), labels.to(device, non_blocking=True), meta
+
+
+def _is_placeholder(meta: dict[str, Any]) -> bool:
+    skipped = meta.get("skipped")
+    return skipped is not None and bool(skipped[0])
+
+
+def _count_chunk(tally: EpochTally, meta: dict[str, Any]) -> None:
+    if "lane" in meta:
+        lane, chunk = int(meta["lane"][0]), int(meta["chunk"][0])
+        tally.chunks_done[lane] = max(tally.chunks_done.get(lane, 0), chunk + 1)
+
+
+def train_steps(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    tally: EpochTally,
+    *,
+    num_classes: int,
+    epoch: int,
+    samples_per_epoch: int,
+    config: TrainConfig,
+    device: torch.device,
+    progress: tqdm,
+    groups: Tensor | None = None,
+    processes: int = 1,
+    stop_requested: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Train on ``loader``'s batches into ``tally``; True when the epoch is done, False when
+    ``stop_requested()`` (asked after every step, on every process alike) stopped it early.
+
+    ``groups`` (C,) on ``device``: the sibling objective (loss and train top-1 over each
+    image's siblings); None: the flat softmax. ``processes``: how many processes train one
+    global batch together (each on an equal share), for the schedule's position. Placeholder
+    batches (steps done before an interruption) are passed over.
+    """
+    model.train()
+    for images, labels, meta in _training_batches(loader, device):
+        if _is_placeholder(meta):
+            continue
+        count = len(labels)
+        tally.lr = learning_rate(epoch + tally.seen * processes / samples_per_epoch, config)
+        for group in optimizer.param_groups:
+            group["lr"] = tally.lr
+        sample = sample_classes(labels, num_classes, config.sampled_classes)
+        with autocast(device, config.mixed_precision):
+            scores = model(images, sample.classes)
+        if groups is None:
+            loss = F.cross_entropy(scores.float() + sample.logit_offset, sample.targets)
+        else:
+            # Settings refuse sampled_classes here, so the scores are all C in order.
+            scores = sibling_scores(scores.float(), labels, groups)
+            loss = F.cross_entropy(scores, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        tally.seen += count
+        tally.steps += 1
+        tally.loss_sum += loss.detach() * count
+        tally.correct += (scores.argmax(dim=1) == sample.targets).sum()
+        _count_chunk(tally, meta)
+        progress.update(count * processes)
+        if stop_requested():
+            return False
+    return True
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -106,37 +206,22 @@ def train_one_epoch(
     progress: tqdm,
     groups: Tensor | None = None,
 ) -> EpochStats:
-    """One pass over ``loader``. ``groups`` (C,) on ``device``: the sibling objective (loss
-    and train top-1 over each image's siblings); None: the flat softmax."""
-    model.train()
-    # Sums stay on the device: reading them every step would stall a GPU's queue.
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen, lr = 0, learning_rate(epoch, config)
-    for images, labels in batches(loader, device):
-        lr = learning_rate(epoch + seen / samples_per_epoch, config)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sample = sample_classes(labels, num_classes, config.sampled_classes)
-        with autocast(device, config.mixed_precision):
-            scores = model(images, sample.classes)
-        if groups is None:
-            loss = F.cross_entropy(scores.float() + sample.logit_offset, sample.targets)
-        else:
-            # Settings refuse sampled_classes here, so the scores are all C in order.
-            scores = sibling_scores(scores.float(), labels, groups)
-            loss = F.cross_entropy(scores, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        count = len(labels)
-        seen += count
-        loss_sum += loss.detach() * count
-        correct += (scores.argmax(dim=1) == sample.targets).sum()
-        progress.update(count)
-    if seen == 0:
-        raise ValueError("the training loader yielded no samples")
-    return EpochStats(lr=lr, loss=loss_sum.item() / seen, top1=correct.item() / seen, samples=seen)
+    """One whole pass over ``loader`` on one process (see :func:`train_steps`)."""
+    tally = EpochTally.empty(device, learning_rate(epoch, config))
+    train_steps(
+        model,
+        loader,
+        optimizer,
+        tally,
+        num_classes=num_classes,
+        epoch=epoch,
+        samples_per_epoch=samples_per_epoch,
+        config=config,
+        device=device,
+        progress=progress,
+        groups=groups,
+    )
+    return tally.stats()
 
 
 def validate(model: PromptCAM, loader: DataLoader, device: torch.device) -> tuple[float, float]:

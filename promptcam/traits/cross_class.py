@@ -61,6 +61,23 @@ def cross_class_pairs(
     return [(a, b, why) for (a, b), why in pairs.items()]
 
 
+# The representative image's values, and every array of an accumulator's state.
+EXAMPLE_FIELDS = (
+    "example_own",
+    "example_cross",
+    "example_probability_image_class",
+    "example_probability_prompt_class",
+)
+STATE_FIELDS = (
+    "cross",
+    "own",
+    "probability_image_class",
+    "probability_prompt_class",
+    "n_images",
+    *EXAMPLE_FIELDS,
+)
+
+
 class CrossClassAccumulator:
     """Streams batches; keeps, per pair (A, B), sums over class A's images of class B's prompt
     attention (every head), of A's own, and of both classes' probabilities.
@@ -138,6 +155,44 @@ class CrossClassAccumulator:
         self.example_cross[row] = maps[:, prompt_class]
         self.example_probability_image_class[row] = probability
         self.example_probability_prompt_class[row] = float(probabilities[best, prompt_class])
+
+    def add(self, later: CrossClassAccumulator) -> None:
+        """Fold in ``later``, which holds the images after this one's (the next shards): its
+        sums are added and its representative images replace this one's where strictly more
+        probable, so that folding per-shard accumulators in shard order gives the same numbers
+        however the shards were grouped into jobs."""
+        if later.pairs != self.pairs or later.cross.shape != self.cross.shape:
+            raise ValueError("cross-class accumulators of different pairs or models")
+        for name in ("cross", "own", "probability_image_class", "probability_prompt_class"):
+            getattr(self, name).__iadd__(getattr(later, name))
+        self.n_images += later.n_images
+        previous = self.example_probability_image_class
+        better = ~np.isnan(later.example_probability_image_class) & (
+            np.isnan(previous) | (later.example_probability_image_class > previous)
+        )
+        for row in np.nonzero(better)[0]:
+            self.example_image[row] = later.example_image[row]
+            for name in EXAMPLE_FIELDS:
+                getattr(self, name)[row] = getattr(later, name)[row]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The accumulator's state as arrays (:meth:`from_arrays` restores it)."""
+        return {
+            **{name: getattr(self, name) for name in STATE_FIELDS},
+            "example_image": np.asarray(self.example_image, dtype=str),
+        }
+
+    @classmethod
+    def from_arrays(
+        cls, pairs: Sequence[tuple[int, int, str]], arrays: Mapping[str, np.ndarray]
+    ) -> CrossClassAccumulator:
+        """An accumulator of ``pairs`` in the state :meth:`arrays` gave."""
+        cross = np.asarray(arrays["cross"])
+        accumulator = cls(pairs, cross.shape[1], cross.shape[2])
+        for name in STATE_FIELDS:
+            getattr(accumulator, name)[...] = arrays[name]
+        accumulator.example_image = [str(image) for image in arrays["example_image"]]
+        return accumulator
 
     def means(self) -> tuple[np.ndarray, np.ndarray]:
         """Mean maps (pairs, H, P) of the prompt class and of the image class; NaN if no image."""

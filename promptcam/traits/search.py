@@ -11,9 +11,22 @@ reference implementation does. The greedy search, one step at a time:
 
 Exact rules, shared by the batched and the naive implementation:
 
-* **Criterion.** Blurring changes only class ``c``'s row, so the other classes' scores stay
-  fixed and the softmax probability of ``c`` is a monotone function of ``c``'s own score
-  ``s[c]``: candidates are compared on ``s[c]`` (no saturation near probability 1).
+* **Criterion ``reference``** (the default). Blurring changes only class ``c``'s row, so the
+  other classes' scores stay fixed and the softmax probability of ``c`` is a monotone function
+  of ``c``'s own score ``s[c]``: candidates are compared on ``s[c]`` (no saturation near
+  probability 1). Any criterion built on that one row (probability, margin) ranks heads
+  exactly as ``s[c]`` does.
+* **Criterion ``contrastive``.** The head is blurred in the rows of ``c`` *and* of its
+  ``rivals`` best-scoring other classes (all classes when there are no more than that), and
+  candidates are compared on ``c``'s log-odds over all classes, ``s[c]`` minus the
+  log-sum-exp of the other scores (the log-probability saturates near 1). A head that moves every
+  class's score alike, i.e. carries no class information, then costs nothing to blur and is
+  eliminated early; the reference cannot tell it from a head that separates the classes.
+  Measured on the demo (research/head_selection.md), the reference's top head points at the
+  rank's trait more often, so it stays the default.
+* **Uninformative heads** (``drop``: heads that the head-information rule found to carry no
+  class information). They are blurred first, in ascending order, before the greedy steps, so
+  that they are never kept and the greedy ranks the other heads with them blurred.
 * **Ties.** Among the candidates whose ``s[c]`` is within ``tie_tolerance`` (absolute) of the
   best, the lowest head index wins. The tolerance absorbs the float rounding that separates two
   correct implementations (fused vs. explicit attention, batched vs. single), so both pick the
@@ -24,6 +37,7 @@ Exact rules, shared by the batched and the naive implementation:
   heads: ``kept_rank`` 0 is the kept head the greedy would blur last (the most important).
 * **Stop rule ``top-k``** (the reference): the first ``H - top_traits`` steps are removals; the
   ``top_traits`` heads left are kept, whether or not the image stays correctly classified.
+  Dropped uninformative heads are always removals: at least that many steps are.
 * **Stop rule ``misclassified``** (the paper: "progressively blurring the least important
   attention maps until the image is misclassified; the remaining ones highlight traits that are
   sufficient for classification"): the steps before the first step whose blur misclassifies the
@@ -56,7 +70,14 @@ import torch
 from torch import Tensor
 
 from promptcam.config import EncodePrecision
-from promptcam.model.last_block import encode_for_search, score_candidates, target_rows
+from promptcam.model.last_block import (
+    class_rows,
+    encode_for_search,
+    rival_classes,
+    score_candidates,
+    score_candidates_in_rows,
+    target_rows,
+)
 from promptcam.model.prompt_cam import PromptCAM
 
 LOGGER = logging.getLogger(__name__)
@@ -66,6 +87,12 @@ StopRule = Literal["top-k", "misclassified"]
 
 
 STOP_RULES: tuple[str, ...] = ("top-k", "misclassified")
+
+
+Criterion = Literal["reference", "contrastive"]
+
+
+CRITERIA: tuple[str, ...] = ("reference", "contrastive")
 
 
 CandidateScorer = Callable[[Tensor], Tensor]
@@ -78,10 +105,16 @@ class GreedyConfig:
     stop: StopRule = "top-k"
     top_traits: int = 4
     tie_tolerance: float = 1e-5
+    criterion: Criterion = "reference"
+    rivals: int = 16
 
     def __post_init__(self) -> None:
         if self.stop not in STOP_RULES:
             raise ValueError(f"stop must be one of {STOP_RULES}, got {self.stop!r}")
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.rivals < 1:
+            raise ValueError(f"rivals must be >= 1, got {self.rivals}")
         if self.top_traits < 0:
             raise ValueError(f"top_traits must be >= 0, got {self.top_traits}")
         if self.tie_tolerance < 0:
@@ -186,9 +219,12 @@ def least_harmful(target_scores: Tensor, tie_tolerance: float) -> Tensor:
     return (target_scores >= best - tie_tolerance).to(torch.uint8).argmax(dim=-1)
 
 
-def stop_search(trace: EliminationTrace, config: GreedyConfig) -> TraitSearch:
-    """Apply ``config``'s stop rule to a full elimination; see the module docstring."""
+def stop_search(trace: EliminationTrace, config: GreedyConfig, num_dropped: int = 0) -> TraitSearch:
+    """Apply ``config``'s stop rule to a full elimination whose first ``num_dropped`` steps blur
+    the dropped uninformative heads (always removals); see the module docstring."""
     num_images, num_heads = trace.order.shape
+    if not 0 <= num_dropped <= num_heads:
+        raise ValueError(f"num_dropped must be in [0, {num_heads}], got {num_dropped}")
     misclassified = trace.step_predicted != trace.targets[:, None]
     misclassified &= trace.searched[:, None]
     first_flip = np.where(misclassified.any(axis=1), misclassified.argmax(axis=1), -1)
@@ -198,6 +234,7 @@ def stop_search(trace: EliminationTrace, config: GreedyConfig) -> TraitSearch:
     else:
         num_removed = np.where(first_flip >= 0, first_flip, num_heads).astype(np.int64)
         flip_step = first_flip
+    num_removed = np.maximum(num_removed, num_dropped)
     num_removed = np.where(trace.searched, num_removed, 0)
     return TraitSearch(trace=trace, num_removed=num_removed, flip_step=flip_step.astype(np.int64))
 
@@ -225,19 +262,30 @@ def _candidate_masks(blurred: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _eliminate(
-    scorer: CandidateScorer, targets: Tensor, num_heads: int, tie_tolerance: float
+    scorer: CandidateScorer,
+    targets: Tensor,
+    num_heads: int,
+    tie_tolerance: float,
+    dropped: Sequence[int] = (),
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Full greedy elimination, all images in lockstep (one scorer call per step).
 
-    ``scorer`` maps masks (B, K, H) to scores (B, K, C). Returns the head blurred at
-    each step, the target's probability and the prediction after it, each (B, H).
+    ``scorer`` maps masks (B, K, H) to scores (B, K, C); candidates are compared on the
+    target's entry. The ``dropped`` heads are blurred first, in that order, without a choice.
+    Returns the head blurred at each step, the target's probability and the prediction after
+    it, each (B, H).
     """
     batch = targets.shape[0]
     rows = torch.arange(batch, device=targets.device)
     blurred = torch.zeros(batch, num_heads, dtype=torch.bool, device=targets.device)
     order, probabilities, predictions = [], [], []
-    for _ in range(num_heads):
-        masks, remaining = _candidate_masks(blurred)
+    for step in range(num_heads):
+        if step < len(dropped):
+            remaining = torch.full((batch, 1), dropped[step], device=targets.device)
+            masks = blurred[:, None, :].clone()
+            masks[rows, 0, remaining[:, 0]] = True
+        else:
+            masks, remaining = _candidate_masks(blurred)
         scores = _widened(scorer(masks))  # (B, K, C)
         target_scores = scores.gather(2, targets[:, None, None].expand(-1, scores.shape[1], 1))
         pick = least_harmful(target_scores.squeeze(2), tie_tolerance)
@@ -295,6 +343,39 @@ def within_siblings(scores: Tensor, targets: Tensor, groups: Tensor) -> Tensor:
     return scores.masked_fill(outside, float("-inf"))
 
 
+def candidate_scorer(
+    model: PromptCAM,
+    tokens: Tensor,
+    targets: Tensor,
+    scores: Tensor,
+    criterion: Criterion = "reference",
+    rivals: int = 16,
+) -> CandidateScorer:
+    """The scorer :func:`_eliminate` compares candidates with, for images whose last-block
+    ``tokens`` (B, T, D) have unblurred ``scores`` (B, C): the target's score with the head
+    blurred in its row (``reference``), or its log-odds (:func:`target_log_odds`) with the head
+    blurred in the rows of the target and its ``rivals`` best-scoring classes
+    (``contrastive``)."""
+    if criterion == "reference":
+        rows = target_rows(model, tokens, targets, scores)
+        return lambda masks: score_candidates(model, rows, masks)
+    classes = rival_classes(scores, targets, rivals)
+    rows = class_rows(model, tokens, classes, scores)
+    return lambda masks: target_log_odds(
+        _widened(score_candidates_in_rows(model, rows, classes, scores, masks)), targets
+    )
+
+
+def target_log_odds(scores: Tensor, targets: Tensor) -> Tensor:
+    """``scores`` (B, K, C) shifted so that the target's entry is its log-odds, its score minus
+    the log-sum-exp of the others' (0 without others); a shift per row, so softmax and argmax
+    are unchanged. Unlike the log-probability it does not saturate near probability 1, where
+    differences would fall below the tie tolerance."""
+    index = targets[:, None, None].expand(-1, scores.shape[1], 1)
+    others = scores.scatter(2, index, float("-inf")).logsumexp(dim=2, keepdim=True)
+    return scores - torch.where(others.isneginf(), 0.0, others)
+
+
 @torch.inference_mode()
 def identify_traits(
     model: PromptCAM,
@@ -303,14 +384,18 @@ def identify_traits(
     tie_tolerance: float = 1e-5,
     encode_precision: EncodePrecision = "fp32",
     groups: Tensor | None = None,
+    criterion: Criterion = "reference",
+    rivals: int = 16,
+    dropped: Sequence[int] = (),
 ) -> TraitBatch:
     """Batched greedy elimination for ``images`` (B, 3, H, W) and their target classes (B,).
 
-    One forward to the last block (:func:`encode_for_search`); the target rows' per-head
-    outputs are cached (:func:`target_rows`), then each greedy step scores all images and
-    candidate heads in one call (:func:`score_candidates`). With ``groups`` (C,) (each class's
-    sibling group), predictions and probabilities are among the target's siblings only
-    (:func:`within_siblings`), as a model trained among siblings is read.
+    One forward to the last block (:func:`encode_for_search`); the rows the ``criterion``
+    blurs are cached (:func:`target_rows`, :func:`class_rows`), then each greedy step scores
+    all images and candidate heads in one call (:func:`candidate_scorer`). With ``groups`` (C,)
+    (each class's sibling group), predictions and probabilities are among the target's
+    siblings only (:func:`within_siblings`), as a model trained among siblings is read. The
+    ``dropped`` heads (uninformative) are blurred first, in that order.
     """
     _require_eval(model)
     tokens = encode_for_search(model, images, encode_precision)
@@ -322,12 +407,11 @@ def identify_traits(
     trace = _empty_trace(targets, predicted, _target_probability(scores, targets), model.num_heads)
     searched = (predicted == targets).nonzero().squeeze(1)
     if searched.numel():
-        rows = target_rows(model, tokens[searched], targets[searched], scores[searched])
+        scorer = candidate_scorer(
+            model, tokens[searched], targets[searched], scores[searched], criterion, rivals
+        )
         order, probabilities, predictions = _eliminate(
-            lambda masks: score_candidates(model, rows, masks),
-            rows.targets,
-            model.num_heads,
-            tie_tolerance,
+            scorer, targets[searched], model.num_heads, tie_tolerance, dropped
         )
         index = searched.cpu().numpy()
         trace["order"][index] = order.cpu().numpy()
@@ -342,6 +426,16 @@ def greedy_heads(
     targets: Tensor,
     tie_tolerance: float = 1e-5,
     encode_precision: EncodePrecision = "fp32",
+    criterion: Criterion = "reference",
+    rivals: int = 16,
 ) -> EliminationTrace:
     """The batched search's trace alone; see :func:`identify_traits`."""
-    return identify_traits(model, images, targets, tie_tolerance, encode_precision).trace
+    return identify_traits(
+        model,
+        images,
+        targets,
+        tie_tolerance,
+        encode_precision,
+        criterion=criterion,
+        rivals=rivals,
+    ).trace

@@ -5,6 +5,12 @@ from pathlib import Path, PurePosixPath
 
 import promptcam
 from promptcam.config import config_section, rank_train_settings, result_settings
+from promptcam.resources import (
+    JobSize,
+    job_resources,
+    read_split_counts,
+    table_rows_estimate,
+)
 
 
 def levels():
@@ -131,6 +137,7 @@ def trait_outputs():
         "cam_maps.npz",
         "counterfactual.json",
         "heads.tsv",
+        "head_information.tsv",
         "localization.json",
         "localization.tsv",
     ]
@@ -165,6 +172,86 @@ def gpu_request():
     return config["gpus_per_job"]
 
 
+def test_shard_groups():
+    """Jobs sharing each rank's test split (config test_shard_groups; 1: no part jobs)."""
+    return config["test_shard_groups"]
+
+
+def part_file(rank, stage, group):
+    """A shard group's part file, results/{rank}/parts/{stage}_{group}.npz (group "{i}of{n}"),
+    removed once gathered."""
+    return rank_result(rank, f"parts/{stage}_{group}.npz")
+
+
+def partial_state(rank, stage, group=None):
+    """Where a preempted job of a stage (or of its shard group) keeps its resumable state."""
+    suffix = "" if group is None else f"_{group}"
+    return rank_result(rank, f"parts/{stage}{suffix}.partial.npz")
+
+
+def scatter_parts(stage):
+    """Input function: the part files that a stage's rule gathers; none with one group."""
+
+    def parts(wildcards):
+        count = test_shard_groups()
+        if count == 1:
+            return []
+        groups = [f"{index}of{count}" for index in range(1, count + 1)]
+        return [part_file(wildcards.rank, stage, group) for group in groups]
+
+    return parts
+
+
+def whole_split_gpu_request(wildcards):
+    """resources: gpu of a stage's rule that only gathers parts when the test split is
+    shared (no model forward then), else the GPU rules' request."""
+    return 0 if test_shard_groups() > 1 else gpu_request()
+
+
+def job_size(wildcards):
+    """What a job's work grows with (promptcam.resources.JobSize): its rank's label map once
+    it exists (rules across ranks and the data rules: the finest rank's), else the demo's
+    configured size or an estimate from the table's bytes."""
+    rank = getattr(wildcards, "rank", None) or finest_level()
+    counts = read_split_counts(label_map(rank))
+    if counts is None:
+        if is_demo():
+            demo = config["demo"]
+            images = (
+                demo["n_families"]
+                * demo["genera_per_family"]
+                * demo["species_per_genus"]
+                * demo["images_per_species"]
+            )
+        elif config["dataset"]["kind"] == "table":
+            images = table_rows_estimate(source_table())
+        else:
+            images = 0  # a folder tree: unknown until prepare_metadata has read it
+        return JobSize(images=images)
+    classes, train, val, test = counts
+    fidelity_max = config["traits"]["fidelity"]["max_images"]
+    return JobSize(
+        images=train + val + test,
+        train=train,
+        val=val,
+        test=test,
+        classes=classes,
+        epochs=train_settings(rank)["epochs"],
+        fidelity_images=min(test, fidelity_max or test),
+    )
+
+
+def measured_mem_mb(wildcards, attempt, rulename):
+    """resources: mem_mb of any rule, from what it was measured to need (promptcam.resources),
+    scaled to the job's data and times the attempt (the profile's retries)."""
+    return job_resources(rulename, job_size(wildcards), attempt).mem_mb
+
+
+def measured_runtime(wildcards, attempt, rulename):
+    """resources: runtime (minutes) of any rule, as measured_mem_mb."""
+    return job_resources(rulename, job_size(wildcards), attempt).runtime
+
+
 def pretrain_settings():
     """PretrainConfig fields from the config (threads come from the rule)."""
     return rule_settings("pretrain", "probe_per_species", "stages")
@@ -177,6 +264,7 @@ def pretrain_stages():
 wildcard_constraints:
     rank="|".join(re.escape(rank) for rank in levels()),
     split="train|val|test",
+    group=r"\d+of\d+",
 
 
 def rank_figure(rank, name):

@@ -30,6 +30,9 @@ rule generate_demo:
     conda:
         "../../envs/data.yaml"
     threads: config["demo"]["threads"]
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         demo=rule_settings("demo"),
     script:
@@ -64,6 +67,9 @@ rule prepare_metadata:
     conda:
         "../../envs/data.yaml"
     threads: config["dataset"]["threads"]
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         table=source_table_param,
         image_root=image_root,
@@ -98,6 +104,9 @@ rule write_shards:
     conda:
         "../../envs/data.yaml"
     threads: config["shards"]["threads"]
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         image_root=image_root,
         levels=levels(),

@@ -22,6 +22,9 @@ rule trait_panels:
         benchmark_path("figures", "trait_panels_{rank}")
     conda:
         "../../envs/figures.yaml"
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         **figure_params("panels"),
         levels=levels(),
@@ -48,6 +51,9 @@ rule trait_gallery:
         benchmark_path("figures", "trait_gallery_{rank}")
     conda:
         "../../envs/figures.yaml"
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         **figure_params("gallery"),
         levels=levels(),
@@ -74,6 +80,9 @@ rule cross_class_figure:
         benchmark_path("figures", "cross_class_{rank}")
     conda:
         "../../envs/figures.yaml"
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         **figure_params("cross_class"),
         levels=levels(),
@@ -96,6 +105,9 @@ rule confusion_figure:
         log_path("figures", "confusion_{rank}"),
     conda:
         "../../envs/figures.yaml"
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         **figure_params(),
     script:
@@ -121,6 +133,9 @@ rule coarse_to_fine:
         benchmark_path("figures", "coarse_to_fine")
     conda:
         "../../envs/figures.yaml"
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         **figure_params("coarse_to_fine"),
         levels=levels(),
@@ -153,6 +168,9 @@ rule tree_overview:
         benchmark_path("figures", "tree_overview")
     conda:
         "../../envs/figures.yaml"
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         **figure_params("tree"),
         levels=levels(),
@@ -174,6 +192,9 @@ rule accuracy_figure:
         log_path("figures", "accuracy"),
     conda:
         "../../envs/figures.yaml"
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         **figure_params(),
         levels=levels(),
@@ -195,6 +216,9 @@ rule training_curves_figure:
         log_path("figures", "training_curves"),
     conda:
         "../../envs/figures.yaml"
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         **figure_params(),
         levels=levels(),
@@ -216,6 +240,9 @@ rule fidelity_curves_figure:
         log_path("figures", "fidelity_curves"),
     conda:
         "../../envs/figures.yaml"
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         **figure_params(),
         levels=levels(),
@@ -237,6 +264,9 @@ rule counterfactual_figure:
         log_path("figures", "counterfactual"),
     conda:
         "../../envs/figures.yaml"
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         **figure_params(),
         levels=levels(),
@@ -259,6 +289,9 @@ rule localization_figure:
         log_path("figures", "localization"),
     conda:
         "../../envs/figures.yaml"
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         **figure_params(),
         levels=levels(),

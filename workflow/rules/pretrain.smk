@@ -16,6 +16,8 @@ rule pretrain_backbone:
     threads: min(2, config["max_threads"])
     resources:
         gpu=gpu_request(),
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         settings=pretrain_settings(),
         stages=pretrain_stages(),

@@ -4,6 +4,15 @@
 # Each rank's settings are config["train"]["defaults"] deep-merged with
 # config["train"]["ranks"][rank] and passed as params, so editing one rank's settings reruns
 # that rank only. An interrupted training resumes from results/{rank}/last.pt.
+#
+# GPUs of one rank's train job: its data-parallel processes (train gpus), none when the GPU
+# rules run on CPU nodes (gpus_per_job 0).
+#
+# Preemption and time limits: SIGTERM or SIGUSR1 makes training save a resumable last.pt at
+# its next step and exit 75 (promptcam.training.preemption); the retries resume it. On SLURM,
+# slurm_extra asks for SIGTERM 120 s before the time limit. Not SIGUSR1: SLURM signals every
+# process of the job step, and the Snakemake process that runs this rule inside the step dies
+# of SIGUSR1 (its default action) but waits for its job on SIGTERM.
 rule train:
     input:
         shards=shards_dir(),
@@ -21,11 +30,17 @@ rule train:
         log_path("train", "{rank}"),
     benchmark:
         benchmark_path("train", "{rank}")
+    retries: 2
     conda:
         "../../envs/train.yaml"
     threads: min(config["train"]["threads"], config["max_threads"])
     resources:
-        gpu=gpu_request(),
+        gpu=lambda wildcards: (
+            gpu_request() and train_settings(wildcards.rank).get("gpus", 1)
+        ),
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
+        slurm_extra="--signal=TERM@120",
     params:
         settings=lambda wildcards: train_settings(wildcards.rank),
         backbone=canonical(config["backbone"]),
@@ -61,6 +76,8 @@ rule evaluate:
     threads: min(config["evaluate"]["threads"], config["max_threads"])
     resources:
         gpu=gpu_request(),
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         settings=rule_settings("evaluate"),
     script:

@@ -3,13 +3,19 @@
 # trait masks, and faithfulness (insertion/deletion AUC against baseline CAMs, counterfactual).
 
 
+# With test_shard_groups n > 1, rule traits_part searches each group of test shards and rule
+# traits only gathers the parts (byte for byte the files of one job); with n = 1 (default)
+# rule traits searches the whole split and no part jobs run. Preempted (SIGTERM, SIGUSR1),
+# either saves its batches so far in parts/ and exits 75; the retry resumes.
 rule traits:
     input:
+        parts=scatter_parts("traits"),
         checkpoint=trained_model("{rank}"),
         weights=backbone_weights(),
         shards=shards_dir(),
         taxonomy=taxonomy_tree(),
         labels=label_map("{rank}"),
+        information=rank_result("{rank}", "head_information.tsv"),
     output:
         table=rank_result("{rank}", "traits.parquet"),
         maps=rank_result("{rank}", "trait_maps.npz"),
@@ -21,15 +27,79 @@ rule traits:
         log_path("traits", "traits_{rank}"),
     benchmark:
         benchmark_path("traits", "traits_{rank}")
+    retries: 2
+    conda:
+        "../../envs/traits.yaml"
+    threads: min(config["traits"]["threads"], config["max_threads"])
+    resources:
+        gpu=whole_split_gpu_request,
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
+        slurm_extra="--signal=TERM@120",
+    params:
+        settings=rule_settings(
+            "traits", "localization", "fidelity", "heads", "information"
+        ),
+        state=partial_state("{rank}", "traits"),
+    script:
+        "../../scripts/traits.py"
+
+
+rule traits_part:
+    input:
+        checkpoint=trained_model("{rank}"),
+        weights=backbone_weights(),
+        shards=shards_dir(),
+        taxonomy=taxonomy_tree(),
+        labels=label_map("{rank}"),
+        information=rank_result("{rank}", "head_information.tsv"),
+    output:
+        temp(part_file("{rank}", "traits", "{group}")),
+    log:
+        log_path("traits", "traits_{rank}_{group}"),
+    benchmark:
+        benchmark_path("traits", "traits_{rank}_{group}")
+    retries: 2
     conda:
         "../../envs/traits.yaml"
     threads: min(config["traits"]["threads"], config["max_threads"])
     resources:
         gpu=gpu_request(),
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
+        slurm_extra="--signal=TERM@120",
     params:
-        settings=rule_settings("traits", "localization", "fidelity", "heads"),
+        settings=rule_settings(
+            "traits", "localization", "fidelity", "heads", "information"
+        ),
+        state=partial_state("{rank}", "traits", "{group}"),
     script:
         "../../scripts/traits.py"
+
+
+rule head_information:
+    input:
+        checkpoint=trained_model("{rank}"),
+        weights=backbone_weights(),
+        shards=shards_dir(),
+    output:
+        rank_result("{rank}", "head_information.tsv"),
+    log:
+        log_path("traits", "head_information_{rank}"),
+    benchmark:
+        benchmark_path("traits", "head_information_{rank}")
+    conda:
+        "../../envs/traits.yaml"
+    threads: min(config["traits"]["heads"]["threads"], config["max_threads"])
+    resources:
+        gpu=gpu_request(),
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
+    params:
+        probe=rule_settings("traits.heads"),
+        information=rule_settings("traits.information"),
+    script:
+        "../../scripts/head_information.py"
 
 
 rule heads:
@@ -49,6 +119,8 @@ rule heads:
     threads: min(config["traits"]["heads"]["threads"], config["max_threads"])
     resources:
         gpu=gpu_request(),
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         settings=rule_settings("traits.heads"),
         levels=levels(),
@@ -76,6 +148,9 @@ rule localization:
         "../../envs/traits.yaml"
     # Masks (test and train) against stored maps: no model forward, so no GPU.
     threads: 1
+    resources:
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         levels=levels(),
         min_coverage=config["traits"]["localization"]["min_coverage"],
@@ -102,6 +177,8 @@ rule cam_maps:
     threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
     resources:
         gpu=gpu_request(),
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         settings=rule_settings("traits.fidelity"),
         linear_probe=probe_settings(),
@@ -128,6 +205,8 @@ rule fidelity:
     threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
     resources:
         gpu=gpu_request(),
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
     params:
         settings=rule_settings("traits.fidelity"),
         linear_probe=probe_settings(),
