@@ -33,7 +33,10 @@ from promptcam.model.checkpoint import load_checkpoint
 RANKS = ("family", "genus", "species")
 N_CLASSES = {"family": 2, "genus": 4, "species": 8}
 N_IMAGES = 2 * 2 * 2 * 10  # pipeline_tiny: 2x2x2 species, 10 images each
-PER_RANK_JOBS = {"train", "evaluate", "traits", "heads", "cam_maps", "localization", "fidelity"}
+PER_RANK_JOBS = {
+    "train", "evaluate", "head_information", "traits", "heads", "cam_maps", "localization",
+    "fidelity",
+}  # fmt: skip
 PER_RANK_FIGURES = {"trait_panels", "trait_gallery", "cross_class_figure", "confusion_figure"}
 # Figures across ranks: each reads every rank's files, so any rank's rerun redraws them.
 CROSS_RANK_FIGURES = {"coarse_to_fine", "tree_overview", "accuracy_figure",
