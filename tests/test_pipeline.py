@@ -386,4 +386,4 @@ def test_forcerun_retrains_one_rank_and_leaves_the_others(
     assert after["genus"]["traits.parquet"] == before["genus"]["traits.parquet"]
     proc = run(run_command, snakemake_cmd(repo_root, workdir, configfile, "--dry-run"), workdir)
     jobs = planned_jobs(proc.stdout) - {("all", None)}
-    assert_reruns(jobs, {"traits", "heads", "cam_maps", "localization", "fidelity"}, proc.stdout)
+    assert_reruns(jobs, PER_RANK_JOBS - {"train", "evaluate"}, proc.stdout)
