@@ -316,6 +316,7 @@ RUNTIME_EDITS = {
     "traits.fidelity.threads": 2,
     "traits.heads.device": "cpu",
     "traits.heads.threads": 1,
+    "traits.progress_seconds": 11,
     "traits.threads": 2,
 }
 
