@@ -322,7 +322,9 @@ RUNTIME_EDITS = {
 
 
 def with_runtime_edits(config: dict) -> dict:
-    assert set(RUNTIME_EDITS) == set(all_runtime_keys())
+    # A new test_shard_groups adds part jobs and regathers every rank's traits (the schema
+    # says so): runtime, but it changes the DAG, so it is not among the edits here.
+    assert set(RUNTIME_EDITS) == set(all_runtime_keys()) - {"test_shard_groups"}
     current = validate_config(yaml.safe_load(yaml.safe_dump(config)))
     for key, value in RUNTIME_EDITS.items():
         assert config_section(current, key) != value, key  # a real change
