@@ -43,7 +43,9 @@ does not (a process decodes only its own samples).
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -455,7 +457,9 @@ class ShardBatches(IterableDataset):
     position in its shard) and ``last`` (the shard's last batch). Loader workers take whole
     shards in turn; batches of one shard arrive in order, those of different shards
     interleaved: key results by ``(shard, batch)``. ``skip[shard]`` batches of a shard are
-    left out (a resumed run's finished ones; their samples are read, not decoded)."""
+    left out (a resumed run's finished ones; their samples are read, not decoded). With
+    ``max_samples``, only the split's first ``max_samples`` samples in shard order are given
+    (the batch that reaches the limit cut short), whichever group a shard is in."""
 
     def __init__(
         self,
@@ -467,10 +471,13 @@ class ShardBatches(IterableDataset):
         *,
         group: ShardGroup = WHOLE_SPLIT,
         skip: dict[int, int] | None = None,
+        max_samples: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if max_samples is not None and max_samples < 0:
+            raise ValueError(f"max_samples must be non-negative, got {max_samples}")
         self.samples = ShardDataset(
             shards_dir, split, rank, transform=transform, split_by_node=False, split_by_worker=False
         )
@@ -478,9 +485,17 @@ class ShardBatches(IterableDataset):
         self.shards = [self.samples.shards[position] for position in self.positions]
         self.batch_size = batch_size
         self.skip = dict(skip or {})
+        sizes = [int(entry["n_samples"]) for entry in self.samples.shards]
+        # Each shard's first sample's position in the split, and how many of its samples count.
+        self.starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+        limit = math.inf if max_samples is None else max_samples
+        self.counts = [
+            int(max(0, min(size, limit - start)))
+            for size, start in zip(sizes, self.starts, strict=True)
+        ]
 
     def __len__(self) -> int:
-        return sum(entry["n_samples"] for entry in self.shards)
+        return sum(self.counts[position] for position in self.positions)
 
     def _shard_samples(self, position: int) -> Iterator[dict[str, Any]]:
         url = str(self.samples.shards_dir / self.samples.shards[position]["file"])
@@ -494,8 +509,12 @@ class ShardBatches(IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for position in self.positions[worker::workers]:
-            done = self.skip.get(position, 0)
-            chunks = _chunks(self._shard_samples(position), self.batch_size)
+            done, count = self.skip.get(position, 0), self.counts[position]
+            if count == 0:
+                continue
+            chunks = _chunks(
+                itertools.islice(self._shard_samples(position), count), self.batch_size
+            )
             chunk, batch = next(chunks, None), 0
             while chunk is not None:
                 following = next(chunks, None)  # one chunk ahead: is this the shard's last?
@@ -519,10 +538,20 @@ def shard_batch_loader(
     *,
     group: ShardGroup = WHOLE_SPLIT,
     skip: dict[int, int] | None = None,
+    max_samples: int | None = None,
 ) -> DataLoader:
     """A loader of :class:`ShardBatches` (a shard group's batches, keyed by shard and batch);
     memory pinned for a CUDA ``device``."""
-    dataset = ShardBatches(shards_dir, split, rank, transform, batch_size, group=group, skip=skip)
+    dataset = ShardBatches(
+        shards_dir,
+        split,
+        rank,
+        transform,
+        batch_size,
+        group=group,
+        skip=skip,
+        max_samples=max_samples,
+    )
     return DataLoader(
         dataset,
         batch_size=None,

@@ -19,7 +19,6 @@ The same :class:`SearchResults` is the state a preempted search saves at a batch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from promptcam.data.batch_parts import check_parts as check_part_infos
 from promptcam.io import atomic_open
 from promptcam.traits.cross_class import CrossClassAccumulator
 from promptcam.traits.search import EliminationTrace
@@ -39,14 +39,6 @@ LOGGER = logging.getLogger(__name__)
 PART_FORMAT = "promptcam-traits-part/1"
 STATE_FORMAT = "promptcam-traits-state/1"
 TRACE_FIELDS = tuple(EliminationTrace.__dataclass_fields__)
-# The info keys that differ between the parts of one search.
-GROUP_KEYS = ("group", "shards", "shard_sha256", "fingerprint")
-
-
-def fingerprint(info: Mapping[str, Any]) -> str:
-    """sha256 of ``info`` (its ``fingerprint`` key left out) as sorted JSON."""
-    payload = {key: value for key, value in info.items() if key != "fingerprint"}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def _pairs(info: Mapping[str, Any]) -> list[tuple[int, int, str]]:
@@ -250,25 +242,4 @@ def check_parts(
 ) -> None:
     """The parts are one search: groups 1..n of n in order, the same model, classes and
     settings, and together the split's ``test_shards`` in order."""
-    count = len(parts)
-    for index, (part, path) in enumerate(zip(parts, paths, strict=True)):
-        expected = f"{index + 1}of{count}"
-        if part.info["group"] != expected:
-            raise ValueError(
-                f"{path} holds shard group {part.info['group']}, expected {expected}: give the "
-                "parts in group order, all of them"
-            )
-        common = {key: value for key, value in part.info.items() if key not in GROUP_KEYS}
-        first = {key: value for key, value in parts[0].info.items() if key not in GROUP_KEYS}
-        if common != first:
-            differ = sorted(key for key in first if first[key] != common.get(key))
-            raise ValueError(
-                f"{path} and {paths[0]} differ in {differ}: they belong to different runs; "
-                "rerun rule traits_part for every group"
-            )
-    covered = [shard for part in parts for shard in part.info["shards"]]
-    if covered != list(test_shards):
-        raise ValueError(
-            f"the parts {[str(p) for p in paths]} cover test shards {covered}, the manifest "
-            f"lists {list(test_shards)}: the shards changed; rerun rule traits_part"
-        )
+    check_part_infos([part.info for part in parts], paths, test_shards, "traits_part")

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from promptcam.config import EncodePrecision
+from promptcam.data.batch_parts import shard_group_info
 from promptcam.data.reader import (
     WHOLE_SPLIT,
     ShardGroup,
@@ -33,7 +34,6 @@ from promptcam.traits.parts import (
     SearchResults,
     TraitsPart,
     check_parts,
-    fingerprint,
     read_part,
     write_part,
 )
@@ -212,28 +212,23 @@ def _search_info(
 ) -> dict[str, Any]:
     """What a search ran on and with (a part's ``info``), and its fingerprint. Settings that
     change no result (threads, loader workers, progress lines) are left out."""
-    entries = split_shards(load_manifest(shards_dir), "test")
-    chosen = [entries[position] for position in group.bounds(len(entries))]
     settings = asdict(config)
     for key in ("threads", "num_workers", "progress_seconds", "device", "cross_class_pairs"):
         settings.pop(key)
-    info: dict[str, Any] = {
-        "group": group.name,
-        "shards": [entry["file"] for entry in chosen],
-        "shard_sha256": [entry.get("sha256") for entry in chosen],
-        "checkpoint_sha256": sha256_file(checkpoint),
-        "device": device.type,
-        "label_names": list(label_names),
-        "pairs": [[a, b, why] for a, b, why in pairs],
-        "dropped": list(dropped),
-        "sibling_groups": None if sibling_groups is None else sibling_groups.tolist(),
-        "num_heads": num_heads,
-        "grid": list(grid),
-        "settings": settings,
-    }
-    info["shard_sha256"] = fingerprint({"shards": info.pop("shard_sha256")})
-    info["fingerprint"] = fingerprint(info)
-    return info
+    return shard_group_info(
+        shards_dir,
+        "test",
+        group,
+        checkpoint_sha256=sha256_file(checkpoint),
+        device=device.type,
+        label_names=list(label_names),
+        pairs=[[a, b, why] for a, b, why in pairs],
+        dropped=list(dropped),
+        sibling_groups=None if sibling_groups is None else sibling_groups.tolist(),
+        num_heads=num_heads,
+        grid=list(grid),
+        settings=settings,
+    )
 
 
 def search_shard_group(
