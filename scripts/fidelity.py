@@ -1,41 +1,75 @@
-"""Snakemake adapter for rules fidelity and cam_maps: see promptcam.evaluation.fidelity
-(run_rank_fidelity, run_rank_cam_maps)."""
+"""Snakemake adapter for rules fidelity, fidelity_part, cam_maps and cam_maps_part: see
+promptcam.evaluation.fidelity (run_rank_fidelity, run_rank_cam_maps, run_fidelity_part,
+gather_fidelity, gather_cam_maps). Exit 75: stopped on SIGTERM/SIGUSR1, state saved."""
+
+import sys
 
 from promptcam.config import runtime_settings, settings_from_config
-from promptcam.evaluation.fidelity import FidelityConfig, run_rank_cam_maps, run_rank_fidelity
+from promptcam.data.reader import ShardGroup
+from promptcam.evaluation.fidelity import (
+    FidelityConfig,
+    gather_cam_maps,
+    gather_fidelity,
+    run_fidelity_part,
+    run_rank_cam_maps,
+    run_rank_fidelity,
+)
 from promptcam.joblog import job_log
+from promptcam.training.preemption import exit_status
 
 
-def main() -> None:
+def main() -> int:
     rule, rank = snakemake.rule, snakemake.wildcards.rank
-    with job_log(snakemake.log[0], f"{rule} {rank}"):
+    group = getattr(snakemake.wildcards, "group", None)
+    stage = rule.removesuffix("_part")
+    with job_log(snakemake.log[0], " ".join(filter(None, [rule, rank, group]))):
         # Runtime keys are read from the config, not params, so changing them reruns nothing.
         runtime = {
             **runtime_settings(snakemake.config, "traits.fidelity"),
             "threads": snakemake.threads,
         }
-        settings = {
-            **snakemake.params.settings,
-            **runtime,
-            "linear_probe": snakemake.params.linear_probe,
-        }
+        config = settings_from_config(
+            FidelityConfig, {**snakemake.params.settings, **runtime}, "traits.fidelity"
+        )
         inputs = {
             "checkpoint": snakemake.input.checkpoint,
+            "probe": snakemake.input.probe,
             "shards_dir": snakemake.input.shards,
             "rank": rank,
             "trait_maps": snakemake.input.maps,
-            "config": settings_from_config(FidelityConfig, settings, "traits.fidelity"),
+            "config": config,
+            "state_path": snakemake.params.state,
         }
-        if rule == "cam_maps":
-            run_rank_cam_maps(**inputs, out_cam_maps=snakemake.output[0])
-        else:
-            run_rank_fidelity(
-                **inputs,
-                out_tsv=snakemake.output.table,
-                out_counterfactual=snakemake.output.counterfactual,
-                out_curves=snakemake.output.curves,
+        if group is not None:
+            part = {"out_part": snakemake.output[0], "group": ShardGroup.parse(group)}
+            return exit_status(run_fidelity_part, stage, **inputs, **part)
+        parts = list(snakemake.input.parts)
+        if stage == "cam_maps":
+            if parts:
+                return exit_status(
+                    gather_cam_maps,
+                    parts=parts,
+                    shards_dir=inputs["shards_dir"],
+                    rank=rank,
+                    out_cam_maps=snakemake.output[0],
+                )
+            return exit_status(run_rank_cam_maps, **inputs, out_cam_maps=snakemake.output[0])
+        outputs = {
+            "out_tsv": snakemake.output.table,
+            "out_counterfactual": snakemake.output.counterfactual,
+            "out_curves": snakemake.output.curves,
+        }
+        if parts:
+            return exit_status(
+                gather_fidelity,
+                parts=parts,
+                shards_dir=inputs["shards_dir"],
+                rank=rank,
+                config=config,
+                **outputs,
             )
+        return exit_status(run_rank_fidelity, **inputs, **outputs)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -18,12 +18,16 @@ from promptcam.evaluation.evaluate import (
     classification_report,
     confusion_matrix,
     evaluate_rank,
+    fit_rank_probe,
     per_class_accuracy,
 )
 from promptcam.evaluation.linear_probe import (
+    FittedProbe,
     LinearProbeConfig,
     expected_calibration_error,
     fit_linear_probe,
+    read_probe,
+    write_probe,
 )
 from promptcam.evaluation.tables import read_confusion, write_confusion_tsv
 from promptcam.training.runtime import topk_accuracy
@@ -160,10 +164,19 @@ def test_evaluate_rank_writes_consistent_outputs(
 ) -> None:
     config = EvalConfig(batch_size=5, linear_probe=LinearProbeConfig(pool=pool, c_grid=(0.1, 1.0)))
     out_json, out_confusion = tmp_path / "eval.json", tmp_path / "confusion.tsv"
+    probe_file = tmp_path / "linear_probe.npz"
+    fitted = fit_rank_probe(
+        shards_dir=trained.shards,
+        rank="genus",
+        checkpoint=trained.checkpoint,
+        out_probe=probe_file,
+        config=config,
+    )
     report = evaluate_rank(
         shards_dir=trained.shards,
         rank="genus",
         checkpoint=trained.checkpoint,
+        probe=probe_file,
         out_json=out_json,
         out_confusion=out_confusion,
         config=config,
@@ -195,7 +208,64 @@ def test_evaluate_rank_writes_consistent_outputs(
         assert 0 < probe[f"{split}_true_class_probability"] <= 1, split
         assert probe[f"{split}_log_loss"] > 0, split
     assert probe["test_top1"] == report["linear_probe_top1"]
+    assert (
+        probe["selected_C"] == fitted.report["selected_C"]
+        and probe["grid"] == fitted.report["grid"]
+    )
     assert report["interpretability_cost"] == pytest.approx(
         report["linear_probe_top1"] - report["top1"]
     )
     assert report["checkpoint"]["selected_on"] == "val_top1"
+
+
+def test_a_written_probe_predicts_what_the_fitted_one_does(tmp_path: Path) -> None:
+    """linear_probe.npz holds no pickle and rebuilds the fitted pipeline: the same
+    probabilities to the last bit, for a multi-class and a binary probe."""
+    generator = np.random.default_rng(0)
+    for classes in (3, 2):
+        features = generator.normal(size=(60, 5)) * [1, 2, 3, 4, 5] + 7
+        labels = np.arange(60) % classes
+        features[:, 0] += labels
+        pipeline, selected, _ = fit_linear_probe(
+            (features, labels), (features, labels), LinearProbeConfig(c_grid=(0.5,))
+        )
+        path = tmp_path / f"probe{classes}.npz"
+        write_probe(path, FittedProbe(pipeline, {"pool": "cls", "C": selected["C"]}))
+        with np.load(path, allow_pickle=False) as data:
+            assert "coef" in data.files
+        read = read_probe(path)
+        assert read.report == {"pool": "cls", "C": 0.5}
+        np.testing.assert_array_equal(
+            read.pipeline.predict_proba(features), pipeline.predict_proba(features)
+        )
+    np.savez(tmp_path / "other.npz", format=np.asarray("something else"))
+    with pytest.raises(ValueError, match=r"not a linear probe.*rerun rule linear_probe"):
+        read_probe(tmp_path / "other.npz")
+
+
+def test_evaluate_refuses_the_probe_of_another_checkpoint(
+    trained: SimpleNamespace, tmp_path: Path
+) -> None:
+    config = EvalConfig(batch_size=5, linear_probe=LinearProbeConfig(c_grid=(1.0,)))
+    probe_file = tmp_path / "linear_probe.npz"
+    fitted = fit_rank_probe(
+        shards_dir=trained.shards,
+        rank="genus",
+        checkpoint=trained.checkpoint,
+        out_probe=probe_file,
+        config=config,
+    )
+    write_probe(
+        probe_file, FittedProbe(fitted.pipeline, {**fitted.report, "checkpoint_sha256": "0"})
+    )
+    with pytest.raises(ValueError, match=r"another checkpoint.*rerun rule linear_probe"):
+        evaluate_rank(
+            shards_dir=trained.shards,
+            rank="genus",
+            checkpoint=trained.checkpoint,
+            probe=probe_file,
+            out_json=tmp_path / "eval.json",
+            out_confusion=tmp_path / "confusion.tsv",
+            config=config,
+        )
+    assert not (tmp_path / "eval.json").exists()

@@ -15,6 +15,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from promptcam.evaluation.cams import CAM_METHODS, LinearProbe, compute_cams, record
+from promptcam.evaluation.evaluate import EvalConfig, fit_rank_probe
 from promptcam.evaluation.fidelity import (
     FidelityConfig,
     auc,
@@ -124,8 +125,9 @@ def test_counterfactual_top_region_flips_more_than_random_regions() -> None:
         torch.tensor([0]),
         region_map(best_first=True),
         region_patches=3,
-        random_regions=50,
-        generator=torch.Generator().manual_seed(0),
+        random_rankings=torch.rand(50, 1, 16, generator=torch.Generator().manual_seed(0)).argsort(
+            dim=-1
+        ),
     )
     assert result["top_flipped"].tolist() == [True]
     # A random 3-patch region covers 3 region patches with probability C(4,3)/C(16,3) ~ 0.7%.
@@ -438,7 +440,11 @@ def rank_outputs(tmp_path_factory) -> dict[str, Path]:
         config=config,
         siblings=siblings,
     )
-    return {"checkpoint": checkpoint, "shards": shards, "out": out, **outputs}
+    probe = out / "linear_probe.npz"
+    fit_rank_probe(
+        shards_dir=shards, rank="genus", checkpoint=checkpoint, out_probe=probe, config=EvalConfig()
+    )
+    return {"checkpoint": checkpoint, "shards": shards, "out": out, "probe": probe, **outputs}
 
 
 def test_traits_rule_outputs(rank_outputs) -> None:
@@ -484,6 +490,7 @@ def test_localization_on_the_demo_masks(rank_outputs) -> None:
 def run_fidelity(rank_outputs, out: Path, **settings) -> pd.DataFrame:
     return run_rank_fidelity(
         checkpoint=rank_outputs["checkpoint"],
+        probe=rank_outputs["probe"],
         shards_dir=rank_outputs["shards"],
         rank="genus",
         trait_maps=rank_outputs["maps"],
@@ -497,6 +504,7 @@ def run_fidelity(rank_outputs, out: Path, **settings) -> pd.DataFrame:
 def run_cam_maps(rank_outputs, out: Path, **settings) -> int:
     return run_rank_cam_maps(
         checkpoint=rank_outputs["checkpoint"],
+        probe=rank_outputs["probe"],
         shards_dir=rank_outputs["shards"],
         rank="genus",
         trait_maps=rank_outputs["maps"],

@@ -27,8 +27,24 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from promptcam.data.batch_parts import BatchResults
 from promptcam.data.reader import ShardGroup
 from promptcam.data.shards import MANIFEST_NAME, write_tar
+from promptcam.evaluation.evaluate import (
+    EvalConfig,
+    evaluate_rank,
+    gather_evaluation,
+    run_evaluate_part,
+)
+from promptcam.evaluation.fidelity import (
+    FidelityConfig,
+    gather_cam_maps,
+    gather_fidelity,
+    run_fidelity_part,
+    run_rank_cam_maps,
+    run_rank_fidelity,
+)
+from promptcam.evaluation.linear_probe import LinearProbeConfig
 from promptcam.io import sha256_file
 from promptcam.training.preemption import PREEMPTED_EXIT_CODE
 from promptcam.traits.cross_class import siblings_from_taxonomy
@@ -268,10 +284,10 @@ PROGRESS = re.compile(r"(\d+)/(\d+) test images")
 class SearchProcess:
     """``run_rank_traits`` in a process of its own, its progress lines watched."""
 
-    def __init__(self, spec: dict) -> None:
+    def __init__(self, spec: dict, program: str = SEARCH_PROCESS) -> None:
         self.done, self.output = 0, []
         self.process = subprocess.Popen(
-            [sys.executable, "-c", SEARCH_PROCESS, json.dumps(spec)],
+            [sys.executable, "-c", program, json.dumps(spec)],
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -346,3 +362,197 @@ def test_a_signalled_trait_search_saves_its_batches_and_resumes_to_the_same_file
     assert f"resuming after {saved} searched test images" in "".join(again.output)
     assert not state.exists()
     assert digests(stopped, TRAIT_FILES) == digests(straight, TRAIT_FILES)
+
+
+# ----------------------------------------------------------------------------- evaluate, fidelity
+
+EVAL_FILES = {"eval": "eval.json", "confusion": "confusion.tsv"}
+FIDELITY_FILES = {
+    "table": "fidelity.tsv",
+    "counterfactual": "counterfactual.json",
+    "curves": "fidelity_curves.tsv",
+}
+CAM_FILES = {"cam_maps": "cam_maps.npz"}
+
+
+def fidelity_inputs(tiny: SimpleNamespace, shards: Path | None = None, **overrides) -> dict:
+    """max_images 10 of the 16 test images: groups past the 10th image score none."""
+    settings = {"steps": 4, "max_images": 10, "batch_size": 3, "random_regions": 2}
+    settings.update(random_maps=2, device="cpu", threads=1, **overrides)
+    return {
+        "checkpoint": tiny.results / RANK / "model.pt",
+        "probe": tiny.results / RANK / "linear_probe.npz",
+        "shards_dir": shards or tiny.shards,
+        "rank": RANK,
+        "trait_maps": tiny.results / RANK / "trait_maps.npz",
+        "config": FidelityConfig(**settings),
+    }
+
+
+def fidelity_outputs(folder: Path) -> dict[str, Path]:
+    return {
+        "out_tsv": folder / FIDELITY_FILES["table"],
+        "out_counterfactual": folder / FIDELITY_FILES["counterfactual"],
+        "out_curves": folder / FIDELITY_FILES["curves"],
+    }
+
+
+def evaluation_inputs(tiny: SimpleNamespace, shards: Path | None = None, **overrides) -> dict:
+    settings = {"batch_size": 3, "device": "cpu", "threads": 1, "num_workers": 0, **overrides}
+    return {
+        "shards_dir": shards or tiny.shards,
+        "rank": RANK,
+        "checkpoint": tiny.results / RANK / "model.pt",
+        "probe": tiny.results / RANK / "linear_probe.npz",
+        "config": EvalConfig(**settings, linear_probe=LinearProbeConfig(c_grid=(0.1, 1.0))),
+    }
+
+
+def evaluation_outputs(folder: Path, tiny: SimpleNamespace) -> dict:
+    return {
+        "out_json": folder / EVAL_FILES["eval"],
+        "out_confusion": folder / EVAL_FILES["confusion"],
+        "labels_tsv": tiny.results / "data" / "labels" / f"{RANK}.tsv",
+    }
+
+
+def write_single_jobs(tiny: SimpleNamespace, out: Path) -> dict[str, str]:
+    """sha256 of evaluate's, fidelity's and cam_maps' files, one job each over the split."""
+    run_rank_fidelity(**fidelity_inputs(tiny), **fidelity_outputs(out))
+    run_rank_cam_maps(**fidelity_inputs(tiny), out_cam_maps=out / CAM_FILES["cam_maps"])
+    evaluate_rank(**evaluation_inputs(tiny), **evaluation_outputs(out, tiny))
+    return digests(out, {**EVAL_FILES, **FIDELITY_FILES, **CAM_FILES})
+
+
+@pytest.fixture(scope="module")
+def single_evaluations(tiny: SimpleNamespace) -> dict[str, str]:
+    return write_single_jobs(tiny, tiny.root / "evaluations_single")
+
+
+@pytest.mark.parametrize(("count", "workers"), [(2, 0), (3, 2), (5, 0)])
+def test_gathered_evaluation_fidelity_and_cam_maps_are_the_single_jobs_files(
+    tiny: SimpleNamespace,
+    single_evaluations: dict[str, str],
+    tmp_path: Path,
+    count: int,
+    workers: int,
+) -> None:
+    """The same cuts as the trait search's; fidelity's first 10 images end inside the third of
+    4 shards, so some groups score part of their images or none."""
+    parts: dict[str, list[Path]] = {"evaluate": [], "fidelity": [], "cam_maps": []}
+    for index in range(count):
+        group = ShardGroup(index, count)
+        for stage, paths in parts.items():
+            paths.append(tmp_path / f"{stage}_{group.name}.npz")
+            if stage == "evaluate":
+                inputs = evaluation_inputs(tiny, num_workers=workers)
+                run_evaluate_part(out_part=paths[-1], group=group, **inputs)
+            else:
+                inputs = fidelity_inputs(tiny, num_workers=workers)
+                run_fidelity_part(stage, out_part=paths[-1], group=group, **inputs)
+    scored = [BatchResults.load(path).num_images for path in parts["fidelity"]]
+    assert scored == {2: [8, 2], 3: [4, 4, 2], 5: [0, 4, 4, 2, 0]}[count], scored
+    assert sum(BatchResults.load(path).num_images for path in parts["cam_maps"]) == 16
+    gather_evaluation(
+        parts=parts["evaluate"], **evaluation_inputs(tiny), **evaluation_outputs(tmp_path, tiny)
+    )
+    gather_fidelity(
+        parts=parts["fidelity"],
+        shards_dir=tiny.shards,
+        rank=RANK,
+        config=fidelity_inputs(tiny)["config"],
+        **fidelity_outputs(tmp_path),
+    )
+    gather_cam_maps(
+        parts=parts["cam_maps"],
+        shards_dir=tiny.shards,
+        rank=RANK,
+        out_cam_maps=tmp_path / CAM_FILES["cam_maps"],
+    )
+    assert digests(tmp_path, {**EVAL_FILES, **FIDELITY_FILES, **CAM_FILES}) == single_evaluations
+
+
+def test_evaluation_gathers_refuse_parts_of_other_runs(
+    tiny: SimpleNamespace, tmp_path: Path
+) -> None:
+    first, second = tmp_path / "evaluate_1of2.npz", tmp_path / "evaluate_2of2.npz"
+    run_evaluate_part(out_part=first, group=ShardGroup(0, 2), **evaluation_inputs(tiny))
+    other = evaluation_inputs(tiny, batch_size=5)
+    run_evaluate_part(out_part=second, group=ShardGroup(1, 2), **other)
+    outputs = evaluation_outputs(tmp_path, tiny)
+    with pytest.raises(ValueError, match=r"differ in \['batch_size'\].*rerun rule evaluate_part"):
+        gather_evaluation(parts=[first, second], **evaluation_inputs(tiny), **outputs)
+    with pytest.raises(ValueError, match="expected 1of2"):
+        gather_evaluation(parts=[second, first], **evaluation_inputs(tiny), **outputs)
+    first.write_bytes(b"not a part")
+    with pytest.raises(ValueError, match=r"not a readable part.*rerun rule fidelity_part"):
+        gather_fidelity(
+            parts=[first],
+            shards_dir=tiny.shards,
+            rank=RANK,
+            config=fidelity_inputs(tiny)["config"],
+            **fidelity_outputs(tmp_path),
+        )
+    assert not (tmp_path / "eval.json").exists() and not (tmp_path / "fidelity.tsv").exists()
+
+
+STAGE_PROCESS = """
+import json, logging, sys
+from promptcam.evaluation.evaluate import EvalConfig, evaluate_rank
+from promptcam.evaluation.fidelity import FidelityConfig, run_rank_fidelity
+from promptcam.evaluation.linear_probe import LinearProbeConfig
+from promptcam.training.preemption import exit_status
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
+spec = json.loads(sys.argv[1])
+if spec.pop("stage") == "fidelity":
+    spec["config"] = FidelityConfig(**spec["config"])
+    sys.exit(exit_status(run_rank_fidelity, **spec))
+probe = LinearProbeConfig(**spec["config"].pop("linear_probe"))
+spec["config"] = EvalConfig(**spec["config"], linear_probe=probe)
+sys.exit(exit_status(evaluate_rank, **spec))
+"""
+
+
+def stage_spec(stage: str, inputs: dict, outputs: dict) -> dict:
+    config = asdict(inputs["config"])
+    if stage == "evaluate":
+        config["linear_probe"]["c_grid"] = list(config["linear_probe"]["c_grid"])
+    spec = {key: str(value) for key, value in {**inputs, **outputs}.items() if key != "config"}
+    return {"stage": stage, **spec, "config": config}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["fidelity", "evaluate"])
+def test_a_signalled_evaluation_saves_its_batches_and_resumes_to_the_same_files(
+    tiny: SimpleNamespace, tmp_path: Path, stage: str
+) -> None:
+    """One image per batch, 2 loader workers: SIGTERM after 3 batches makes fidelity (or
+    evaluate) exit 75 with those batches saved; the rerun computes only the rest and writes
+    the uninterrupted run's files."""
+    if stage == "fidelity":
+        inputs = fidelity_inputs(tiny, batch_size=1, num_workers=2, max_images=None)
+        files = FIDELITY_FILES
+        outputs = fidelity_outputs
+    else:
+        inputs = evaluation_inputs(tiny, batch_size=1, num_workers=2)
+        files = EVAL_FILES
+        outputs = lambda folder: evaluation_outputs(folder, tiny)  # noqa: E731
+    straight = tmp_path / "straight"
+    assert SearchProcess(stage_spec(stage, inputs, outputs(straight)), STAGE_PROCESS).wait() == 0
+    state = tmp_path / "parts" / f"{stage}.partial.npz"
+    stopped = tmp_path / "stopped"
+    spec = {**stage_spec(stage, inputs, outputs(stopped)), "state_path": str(state)}
+    run = SearchProcess(spec, STAGE_PROCESS)
+    run.wait_for_images(3)
+    os.kill(run.process.pid, signal.SIGTERM)
+    assert run.wait() == PREEMPTED_EXIT_CODE, run.log()
+    assert "stopped on SIGTERM" in run.log()
+    assert not any((stopped / name).exists() for name in files.values())
+    saved = BatchResults.load(state).num_images
+    assert 3 <= saved < 16, saved
+
+    again = SearchProcess(spec, STAGE_PROCESS)
+    assert again.wait() == 0, again.log()
+    assert f"resuming after {saved} test images" in "".join(again.output)
+    assert not state.exists()
+    assert digests(stopped, files) == digests(straight, files)

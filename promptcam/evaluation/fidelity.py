@@ -34,8 +34,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -44,10 +44,11 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import Tensor
 
-from promptcam.config import settings_from_config
-from promptcam.data.reader import TransformConfig, split_loader
+from promptcam.data.batch_parts import BatchResults, gather_parts, shard_group_info
+from promptcam.data.reader import WHOLE_SPLIT, ShardGroup, TransformConfig, shard_batch_loader
+from promptcam.evaluation.scatter import compute_batches, open_results, write_part
 from promptcam.evaluation.tables import write_cam_maps, write_fidelity_curves
-from promptcam.io import atomic_open, write_json
+from promptcam.io import atomic_open, sha256_file, write_json
 from promptcam.progress import ProgressLines
 from promptcam.traits.tables import TraitMaps, read_trait_maps
 
@@ -106,8 +107,6 @@ class FidelityConfig:
     threads: int = 1
     num_workers: int = 0
     device: str = "auto"
-    # The config's evaluate.linear_probe, so that fidelity explains the evaluated probe.
-    linear_probe: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -216,10 +215,10 @@ def counterfactual(
     targets: Tensor,
     saliency: Tensor,
     region_patches: int,
-    random_regions: int,
-    generator: torch.Generator,
+    random_rankings: Tensor,
 ) -> dict[str, np.ndarray]:
-    """Blank the top ``region_patches`` of each map, and random regions as large.
+    """Blank the top ``region_patches`` of each map, and random regions as large: the top
+    patches of each of ``random_rankings`` (R, N, P), random patch orders.
 
     Returns:
         ``top_flipped`` (N,), ``top_probability`` (N,), ``random_flipped`` (N, R),
@@ -227,7 +226,6 @@ def counterfactual(
         and whether the prediction left it.
     """
     grid = tuple(saliency.shape[-2:])
-    num_patches = grid[0] * grid[1]
     baseline = mean_colour(images)
 
     def blanked(ranking: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -237,14 +235,7 @@ def counterfactual(
         return flipped.cpu().numpy(), _target_probability(scores, targets).double().cpu().numpy()
 
     top_flipped, top_probability = blanked(patch_ranking(saliency))
-    random = [
-        blanked(
-            torch.rand(len(images), num_patches, generator=generator)
-            .argsort(dim=1)
-            .to(images.device)
-        )
-        for _ in range(random_regions)
-    ]
+    random = [blanked(ranking.to(images.device)) for ranking in random_rankings]
     return {
         "base_probability": _target_probability(score_fn(images), targets).double().cpu().numpy(),
         "top_flipped": top_flipped,
@@ -292,47 +283,6 @@ def top_head_maps(maps: np.ndarray, order: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- one rank
-
-
-def _fit_probe(
-    model: Any,
-    shards_dir: str | os.PathLike,
-    rank: str,
-    meta: Any,
-    config: FidelityConfig,
-    device: torch.device,
-) -> Any:
-    """The linear probe of promptcam.evaluation.linear_probe, refitted (deterministically) on train/val."""
-    from promptcam.evaluation.cams import LinearProbe
-    from promptcam.evaluation.linear_probe import (
-        LinearProbeConfig,
-        backbone_features,
-        fit_linear_probe,
-    )
-
-    probe_config = settings_from_config(
-        LinearProbeConfig, config.linear_probe, "evaluate.linear_probe"
-    )
-    features = {
-        split: backbone_features(
-            model.backbone,
-            split_loader(
-                shards_dir,
-                split,
-                rank,
-                TransformConfig.unaugmented(meta.preprocessing),
-                config.batch_size,
-                config.num_workers,
-                device,
-            ),
-            device,
-            probe_config.pool,
-        )
-        for split in ("train", "val")
-    }
-    # The first item is the selected pipeline; the rest describe the C grid.
-    pipeline = fit_linear_probe(features["train"], features["val"], probe_config)[0]
-    return LinearProbe.from_sklearn(model.backbone, pipeline, probe_config.pool).to(device).eval()
 
 
 @dataclass
@@ -502,26 +452,57 @@ def _prompt_cam_rows(row_of: Mapping[str, int], sample_ids: Any, trait_maps: obj
     return np.array([row_of[sample_id] for sample_id in sample_ids])
 
 
+# What each image's random draws are for: the seed of a stream is (seed, purpose, shard, batch,
+# image in batch), so an image draws the same whichever job, group or subset of a batch it is in.
+RANDOM_MAPS, RANDOM_REGIONS = 1, 0
+
+
+def image_generator(seed: int, purpose: int, shard: int, batch: int, index: int) -> torch.Generator:
+    """The random stream of one image of a test batch (see :data:`RANDOM_MAPS`)."""
+    state = np.random.SeedSequence([seed, purpose, shard, batch, index]).generate_state(
+        1, np.uint64
+    )
+    return torch.Generator().manual_seed(int(state[0]) >> 1)
+
+
+def random_draws(
+    seed: int, purpose: int, shard: int, batch: int, count: int, shape: tuple[int, ...], draws: int
+) -> Tensor:
+    """``draws`` uniform arrays of ``shape`` per image of the batch: (draws, count, *shape)."""
+    per_image = [
+        torch.rand(draws, *shape, generator=image_generator(seed, purpose, shard, batch, index))
+        for index in range(count)
+    ]
+    return torch.stack(per_image, dim=1)
+
+
 @dataclass
 class _RankModels:
-    """What both fidelity and the CAM maps explain: the Prompt-CAM model, the refitted probe,
-    the traits rule's maps, and where they run."""
+    """What both fidelity and the CAM maps explain: the Prompt-CAM model, the rank's fitted
+    linear probe, the traits rule's maps, and where they run."""
 
     model: Any
     meta: Any
     probe: Any
     device: torch.device
     stored: TraitMaps
+    checkpoint_sha256: str
+    probe_sha256: str
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.stored.map_shape[-2:])
 
 
 def _rank_models(
     checkpoint: str | os.PathLike,
-    shards_dir: str | os.PathLike,
-    rank: str,
+    probe: str | os.PathLike,
     trait_maps: str | os.PathLike,
     config: FidelityConfig,
     backbone_weights: str | os.PathLike | None,
 ) -> _RankModels:
+    from promptcam.evaluation.cams import LinearProbe
+    from promptcam.evaluation.linear_probe import read_probe
     from promptcam.model.checkpoint import load_checkpoint
     from promptcam.training.runtime import resolve_device
 
@@ -529,8 +510,23 @@ def _rank_models(
     device = resolve_device(config.device)
     model, meta = load_checkpoint(checkpoint, backbone_weights=backbone_weights)
     model.to(device)
-    probe = _fit_probe(model, shards_dir, rank, meta, config, device)
-    return _RankModels(model, meta, probe, device, read_trait_maps(trait_maps))
+    fitted = read_probe(probe)
+    checkpoint_sha256 = sha256_file(checkpoint)
+    if fitted.report["checkpoint_sha256"] != checkpoint_sha256:
+        raise ValueError(
+            f"{probe} was fitted on the backbone of another checkpoint than {checkpoint}; "
+            "rerun rule linear_probe"
+        )
+    explained = LinearProbe.from_sklearn(model.backbone, fitted.pipeline, fitted.pool)
+    return _RankModels(
+        model,
+        meta,
+        explained.to(device).eval(),
+        device,
+        read_trait_maps(trait_maps),
+        checkpoint_sha256,
+        sha256_file(probe),
+    )
 
 
 @dataclass
@@ -549,21 +545,181 @@ class _ExplainedBatch:
     saliency: dict[Method, Tensor]
 
 
-def _explained_batches(
+def _explain_batch(
+    models: _RankModels,
+    images: Tensor,
+    labels: Tensor,
+    batch_meta: Mapping[str, Any],
+    trait_maps: str | os.PathLike,
+    config: FidelityConfig,
+) -> _ExplainedBatch:
+    """Every method's maps of one test batch; each image's random maps from its own stream."""
+    images, labels = images.to(models.device), labels.to(models.device)
+    sample_ids = list(batch_meta["sample_id"])
+    stored = models.stored
+    rows = _prompt_cam_rows(stored.row_of(), sample_ids, trait_maps)
+    maps, kept, order = stored.read_maps(rows), stored.kept[rows], stored.order[rows]
+    random_maps = random_draws(
+        config.seed,
+        RANDOM_MAPS,
+        int(batch_meta["shard"]),
+        int(batch_meta["batch"]),
+        len(labels),
+        models.grid,
+        config.random_maps,
+    )
+    saliency = _batch_maps(
+        models.model,
+        models.probe,
+        images,
+        labels,
+        prompt_cam_saliency(maps, kept, order),
+        random_maps[0],
+    )
+    return _ExplainedBatch(images, labels, sample_ids, maps, kept, order, random_maps, saliency)
+
+
+def _group_info(
+    stage: str,
+    shards_dir: str | os.PathLike,
+    group: ShardGroup,
+    models: _RankModels,
+    trait_maps: str | os.PathLike,
+    config: FidelityConfig,
+) -> dict[str, Any]:
+    settings = asdict(config)
+    for key in ("threads", "num_workers", "device"):  # where and how fast, not what
+        settings.pop(key)
+    return shard_group_info(
+        shards_dir,
+        "test",
+        group,
+        stage=stage,
+        checkpoint_sha256=models.checkpoint_sha256,
+        probe_sha256=models.probe_sha256,
+        trait_maps_sha256=sha256_file(trait_maps),
+        device=models.device.type,
+        grid=list(models.grid),
+        settings=settings,
+    )
+
+
+def _curve_key(method: Method, mode: str) -> str:
+    return f"curve__{method[0]}__{method[1]}__{mode}"
+
+
+COUNTERFACTUAL_ARRAYS = (
+    "base_probability",
+    "top_flipped",
+    "top_probability",
+    "random_flipped",
+    "random_probability",
+)
+
+
+def _fidelity_arrays(
+    models: _RankModels,
+    batch: _ExplainedBatch,
+    random_regions: Tensor,
+    config: FidelityConfig,
+) -> dict[str, np.ndarray]:
+    """One batch's per-image curves of every (method, model) and mode, clean probabilities,
+    and counterfactual results (``cf_*``; rows of images not searched, i.e. misclassified,
+    are zero and ``cf_searched`` false)."""
+    scores = _Accumulated()
+    score_fns: dict[str, ScoreFn] = {PROMPT_CAM: models.model, LINEAR_PROBE: models.probe}
+    count = len(batch.labels)
+    num_patches = models.grid[0] * models.grid[1]
+    region_patches = max(1, round(config.region_fraction * num_patches))
+    with torch.inference_mode():
+        _score_batch(
+            scores,
+            score_fns,
+            batch.images,
+            batch.labels,
+            batch.saliency,
+            batch.random_maps,
+            config,
+        )
+        searched = np.nonzero(batch.order[:, 0] >= 0)[0]
+        flips = {
+            "base_probability": np.zeros(count),
+            "top_flipped": np.zeros(count, bool),
+            "top_probability": np.zeros(count),
+            "random_flipped": np.zeros((count, config.random_regions), bool),
+            "random_probability": np.zeros((count, config.random_regions)),
+        }
+        if len(searched):
+            chosen = torch.from_numpy(searched).to(models.device)
+            top_maps = top_head_maps(batch.maps[searched], batch.order[searched])
+            result = counterfactual(
+                models.model,
+                batch.images[chosen],
+                batch.labels[chosen],
+                torch.from_numpy(top_maps).to(models.device),
+                region_patches,
+                random_regions[:, searched],
+            )
+            for key in COUNTERFACTUAL_ARRAYS:
+                flips[key][searched] = result[key]
+    arrays = {
+        "image": np.asarray(batch.sample_ids, dtype=str),
+        "cf_searched": np.isin(np.arange(count), searched),
+        **{f"cf_{key}": values for key, values in flips.items()},
+        **{f"clean__{model}": values[0] for model, values in scores.clean.items()},
+    }
+    for method in FIDELITY_METHODS:
+        for mode in ("insertion", "deletion"):
+            arrays[_curve_key(method, mode)] = scores.curves[method][mode][0]
+    return arrays
+
+
+def _fidelity_shard_group(
     models: _RankModels,
     shards_dir: str | os.PathLike,
     rank: str,
     trait_maps: str | os.PathLike,
     config: FidelityConfig,
-    max_images: int | None = None,
-) -> Iterator[_ExplainedBatch]:
-    """The test split in shard order, batch by batch, until ``max_images`` (None: all) images
-    were given. The random maps come from one seeded stream of their own (``seed + 1``; the
-    counterfactual's regions use ``seed``), so every caller draws the same maps per image."""
-    row_of = models.stored.row_of()
-    grid = tuple(models.stored.map_shape[-2:])
-    map_generator = torch.Generator().manual_seed(config.seed + 1)
-    loader = split_loader(
+    group: ShardGroup,
+    state_path: str | os.PathLike | None,
+) -> BatchResults:
+    """Per-image fidelity arrays (:func:`_fidelity_arrays`) of the group's share of the split's
+    first ``config.max_images`` test images (all by default)."""
+    results = open_results(
+        _group_info("fidelity", shards_dir, group, models, trait_maps, config), state_path
+    )
+    loader = _test_batches(models, shards_dir, rank, config, group, results, config.max_images)
+    num_patches = models.grid[0] * models.grid[1]
+
+    def score(images: Tensor, labels: Tensor, batch_meta: Mapping[str, Any]) -> dict:
+        batch = _explain_batch(models, images, labels, batch_meta, trait_maps, config)
+        regions = random_draws(
+            config.seed,
+            RANDOM_REGIONS,
+            int(batch_meta["shard"]),
+            int(batch_meta["batch"]),
+            len(labels),
+            (num_patches,),
+            config.random_regions,
+        ).argsort(dim=-1)
+        return _fidelity_arrays(models, batch, regions, config)
+
+    LOGGER.info(
+        "%s: insertion/deletion and counterfactual on %d test images", rank, len(loader.dataset)
+    )
+    return compute_batches(results, loader, score, state_path, "test images scored")
+
+
+def _test_batches(
+    models: _RankModels,
+    shards_dir: str | os.PathLike,
+    rank: str,
+    config: FidelityConfig,
+    group: ShardGroup,
+    results: BatchResults,
+    max_samples: int | None = None,
+) -> Any:
+    return shard_batch_loader(
         shards_dir,
         "test",
         rank,
@@ -571,113 +727,46 @@ def _explained_batches(
         config.batch_size,
         config.num_workers,
         models.device,
+        group=group,
+        skip=results.done(),
+        max_samples=max_samples,
     )
-    given = 0
-    for images, labels, batch_meta in loader:
-        if max_images is not None and given >= max_images:
-            return
-        images, labels = images.to(models.device), labels.to(models.device)
-        sample_ids = list(batch_meta["sample_id"])
-        rows = _prompt_cam_rows(row_of, sample_ids, trait_maps)
-        stored = models.stored
-        maps, kept, order = stored.read_maps(rows), stored.kept[rows], stored.order[rows]
-        random_maps = torch.rand(config.random_maps, len(labels), *grid, generator=map_generator)
-        saliency = _batch_maps(
-            models.model,
-            models.probe,
-            images,
-            labels,
-            prompt_cam_saliency(maps, kept, order),
-            random_maps[0],
-        )
-        given += len(labels)
-        yield _ExplainedBatch(images, labels, sample_ids, maps, kept, order, random_maps, saliency)
 
 
-def run_rank_fidelity(
+def write_fidelity(
     *,
-    checkpoint: str | os.PathLike,
-    shards_dir: str | os.PathLike,
+    info: Mapping[str, Any],
+    arrays: Mapping[str, np.ndarray],
     rank: str,
-    trait_maps: str | os.PathLike,
     out_tsv: str | os.PathLike,
     out_counterfactual: str | os.PathLike,
     out_curves: str | os.PathLike,
     config: FidelityConfig,
-    backbone_weights: str | os.PathLike | None = None,
 ) -> pd.DataFrame:
-    """Insertion/deletion AUC of every (method, model) of :data:`FIDELITY_METHODS`, and the
-    counterfactual check, on the first ``max_images`` test images (all by default).
-    Prompt-CAM's maps come from the traits rule's ``trait_maps.npz``; the baselines' are those
-    :func:`run_rank_cam_maps` writes for every test image (same functions, same seeds).
-
-    ``fidelity.tsv``: one row per ``method`` (prompt_cam, grad_cam, layer_cam, eigen_cam,
-    attention_rollout, random) and ``model`` (prompt_cam or linear_probe: the model explained
-    and scored), see :func:`promptcam.evaluation.tables.read_fidelity`. ``fidelity_curves.tsv``
-    (``out_curves``): the mean curves, one row per method, model, mode and step (see
-    :func:`promptcam.evaluation.tables.write_fidelity_curves`); their trapezoid areas are the
-    mean AUCs of ``fidelity.tsv``. ``counterfactual.json``: :func:`counterfactual_report` and
-    the settings.
-    """
-    models = _rank_models(checkpoint, shards_dir, rank, trait_maps, config, backbone_weights)
-    model, device = models.model, models.device
-    score_fns: dict[str, ScoreFn] = {PROMPT_CAM: model, LINEAR_PROBE: models.probe}
-    grid = tuple(models.stored.map_shape[-2:])
+    """fidelity.tsv, fidelity_curves.tsv and counterfactual.json from per-image arrays (one
+    group's, or every group's parts concatenated in shard order)."""
+    if not arrays:
+        raise ValueError(f"no test images for rank {rank!r}")
+    seen = len(arrays["image"])
+    grid = tuple(info["grid"])
     num_patches = grid[0] * grid[1]
-    region_patches = max(1, round(config.region_fraction * num_patches))
-    generator = torch.Generator().manual_seed(config.seed)
-
-    scores = _Accumulated()
-    flips: dict[str, list[np.ndarray]] = {}
-    seen = 0
-    lines = ProgressLines()
-    limit = "all" if config.max_images is None else f"at most {config.max_images}"
-    lines.report("insertion/deletion and counterfactual on %s test images", limit, force=True)
-    batches = _explained_batches(models, shards_dir, rank, trait_maps, config, config.max_images)
-    for batch in batches:
-        labels, maps, order = batch.labels, batch.maps, batch.order
-        take = (
-            len(labels) if config.max_images is None else min(len(labels), config.max_images - seen)
-        )
-        seen += take
-        images = batch.images
-        with torch.inference_mode():
-            _score_batch(
-                scores,
-                score_fns,
-                images[:take],
-                labels[:take],
-                batch.saliency,
-                batch.random_maps[:, :take],
-                config,
-            )
-            searched = np.nonzero(order[:take, 0] >= 0)[0]
-            if len(searched):
-                chosen = torch.from_numpy(searched).to(device)
-                top_maps = top_head_maps(maps[searched], order[searched])
-                result = counterfactual(
-                    model,
-                    images[chosen],
-                    labels[chosen],
-                    torch.from_numpy(top_maps).to(device),
-                    region_patches,
-                    config.random_regions,
-                    generator,
-                )
-                for key, values in result.items():
-                    flips.setdefault(key, []).append(values)
-        lines.report("%d test images scored (%.0f s)", seen, lines.elapsed())
-    if not seen:
-        raise ValueError(f"no test images for rank {rank!r} in {shards_dir}")
+    counts = patch_counts(num_patches, config.steps)
+    scores = _Accumulated(fractions=counts / counts[-1])
+    for method in FIDELITY_METHODS:
+        for mode in ("insertion", "deletion"):
+            scores.add_curves(method, mode, scores.fractions, arrays[_curve_key(method, mode)])
+    for model_name in (PROMPT_CAM, LINEAR_PROBE):
+        scores.clean[model_name] = [arrays[f"clean__{model_name}"]]
     table = _fidelity_table(scores, seen)
     LOGGER.info("%s: fidelity on %d test images\n%s", rank, seen, table.to_string(index=False))
     with atomic_open(out_tsv, "w", newline="") as handle:
         table.to_csv(handle, sep="\t", index=False)
     write_fidelity_curves(out_curves, _curves_table(scores, seen))
+    searched = arrays["cf_searched"]
     report = counterfactual_report(
-        {key: np.concatenate(values) for key, values in flips.items()}
-        or {"top_flipped": np.zeros(0)}
+        {key: arrays[f"cf_{key}"][searched] for key in COUNTERFACTUAL_ARRAYS}
     )
+    region_patches = max(1, round(config.region_fraction * num_patches))
     report.update(
         {
             "rank": rank,
@@ -691,51 +780,195 @@ def run_rank_fidelity(
     )
     LOGGER.info("%s: counterfactual %s", rank, report)
     write_json(out_counterfactual, report)
-    lines.report(
-        "wrote %s, %s and %s: %d test images scored, %d rows (%.0f s)",
+    ProgressLines().report(
+        "wrote %s, %s and %s: %d test images scored, %d rows",
         out_tsv,
         out_curves,
         out_counterfactual,
         seen,
         len(table),
-        lines.elapsed(),
         force=True,
     )
     return table
 
 
+def _cam_maps_shard_group(
+    models: _RankModels,
+    shards_dir: str | os.PathLike,
+    rank: str,
+    trait_maps: str | os.PathLike,
+    config: FidelityConfig,
+    group: ShardGroup,
+    state_path: str | os.PathLike | None,
+) -> BatchResults:
+    """Per test image of the group: ``image`` and ``maps`` (M, h, w), every method of
+    :data:`FIDELITY_METHODS` in that order."""
+    info = _group_info("cam_maps", shards_dir, group, models, trait_maps, config)
+    results = open_results(info, state_path)
+    loader = _test_batches(models, shards_dir, rank, config, group, results)
+
+    def explain(images: Tensor, labels: Tensor, batch_meta: Mapping[str, Any]) -> dict:
+        batch = _explain_batch(models, images, labels, batch_meta, trait_maps, config)
+        maps = torch.stack([batch.saliency[method] for method in FIDELITY_METHODS], dim=1)
+        return {"image": np.asarray(batch.sample_ids, dtype=str), "maps": maps.numpy()}
+
+    return compute_batches(results, loader, explain, state_path, "test images' maps")
+
+
+def write_cam_maps_of(
+    *, arrays: Mapping[str, np.ndarray], rank: str, out_cam_maps: str | os.PathLike
+) -> int:
+    """cam_maps.npz from per-image arrays (:func:`_cam_maps_shard_group`); returns the number
+    of images."""
+    if not arrays:
+        raise ValueError(f"no test images for rank {rank!r}")
+    write_cam_maps(
+        out_cam_maps,
+        arrays["image"].tolist(),
+        [method for method, _ in FIDELITY_METHODS],
+        [model_name for _, model_name in FIDELITY_METHODS],
+        arrays["maps"],
+    )
+    ProgressLines().report(
+        "wrote %s: %d test images", out_cam_maps, len(arrays["image"]), force=True
+    )
+    return len(arrays["image"])
+
+
+GROUP_STAGES = {"fidelity": _fidelity_shard_group, "cam_maps": _cam_maps_shard_group}
+
+
+def fidelity_shard_group(
+    stage: Literal["fidelity", "cam_maps"],
+    *,
+    checkpoint: str | os.PathLike,
+    probe: str | os.PathLike,
+    shards_dir: str | os.PathLike,
+    rank: str,
+    trait_maps: str | os.PathLike,
+    config: FidelityConfig,
+    group: ShardGroup = WHOLE_SPLIT,
+    state_path: str | os.PathLike | None = None,
+    backbone_weights: str | os.PathLike | None = None,
+) -> BatchResults:
+    """The per-image arrays of ``stage`` (``fidelity``: curves, clean probabilities and
+    counterfactual; ``cam_maps``: every method's maps) over the test shards of ``group``.
+    With ``state_path``, SIGTERM or SIGUSR1 stops it at the next batch boundary with the
+    batches so far saved there (:func:`promptcam.evaluation.scatter.compute_batches`)."""
+    models = _rank_models(checkpoint, probe, trait_maps, config, backbone_weights)
+    return GROUP_STAGES[stage](models, shards_dir, rank, trait_maps, config, group, state_path)
+
+
+def run_rank_fidelity(
+    *,
+    checkpoint: str | os.PathLike,
+    probe: str | os.PathLike,
+    shards_dir: str | os.PathLike,
+    rank: str,
+    trait_maps: str | os.PathLike,
+    out_tsv: str | os.PathLike,
+    out_counterfactual: str | os.PathLike,
+    out_curves: str | os.PathLike,
+    config: FidelityConfig,
+    backbone_weights: str | os.PathLike | None = None,
+    state_path: str | os.PathLike | None = None,
+) -> pd.DataFrame:
+    """Insertion/deletion AUC of every (method, model) of :data:`FIDELITY_METHODS`, and the
+    counterfactual check, on the first ``max_images`` test images in shard order (all by
+    default). Prompt-CAM's maps come from the traits rule's ``trait_maps.npz``, the probe from
+    rule linear_probe's ``linear_probe.npz``; the baselines' maps are those
+    :func:`run_rank_cam_maps` writes for every test image (same functions, same per-image
+    random streams).
+
+    ``fidelity.tsv``: one row per ``method`` (prompt_cam, grad_cam, layer_cam, eigen_cam,
+    attention_rollout, random) and ``model`` (prompt_cam or linear_probe: the model explained
+    and scored), see :func:`promptcam.evaluation.tables.read_fidelity`. ``fidelity_curves.tsv``
+    (``out_curves``): the mean curves, one row per method, model, mode and step (see
+    :func:`promptcam.evaluation.tables.write_fidelity_curves`); their trapezoid areas are the
+    mean AUCs of ``fidelity.tsv``. ``counterfactual.json``: :func:`counterfactual_report` and
+    the settings. The files are those that :func:`run_fidelity_part` and
+    :func:`gather_fidelity` write over shard groups.
+    """
+    results = fidelity_shard_group(
+        "fidelity",
+        checkpoint=checkpoint,
+        probe=probe,
+        shards_dir=shards_dir,
+        rank=rank,
+        trait_maps=trait_maps,
+        config=config,
+        state_path=state_path,
+        backbone_weights=backbone_weights,
+    )
+    return write_fidelity(
+        info=results.info,
+        arrays=results.arrays(),
+        rank=rank,
+        out_tsv=out_tsv,
+        out_counterfactual=out_counterfactual,
+        out_curves=out_curves,
+        config=config,
+    )
+
+
 def run_rank_cam_maps(
     *,
     checkpoint: str | os.PathLike,
+    probe: str | os.PathLike,
     shards_dir: str | os.PathLike,
     rank: str,
     trait_maps: str | os.PathLike,
     out_cam_maps: str | os.PathLike,
     config: FidelityConfig,
     backbone_weights: str | os.PathLike | None = None,
+    state_path: str | os.PathLike | None = None,
 ) -> int:
     """Every (method, model) map of :data:`FIDELITY_METHODS` for *every* test image (CAMs are
     cheap; the curves of :func:`run_rank_fidelity` are not), for localisation:
     ``cam_maps.npz`` in test-shard order (:func:`promptcam.evaluation.tables.write_cam_maps`;
-    ``random`` is the first random map, drawn from the stream fidelity draws from). Returns
-    the number of images."""
-    models = _rank_models(checkpoint, shards_dir, rank, trait_maps, config, backbone_weights)
-    image_ids: list[str] = []
-    batches: list[np.ndarray] = []
-    lines = ProgressLines()
-    for batch in _explained_batches(models, shards_dir, rank, trait_maps, config):
-        image_ids.extend(batch.sample_ids)
-        maps = [batch.saliency[method] for method in FIDELITY_METHODS]
-        batches.append(torch.stack(maps, dim=1).numpy())
-        lines.report("maps of %d test images (%.0f s)", len(image_ids), lines.elapsed())
-    if not image_ids:
-        raise ValueError(f"no test images for rank {rank!r} in {shards_dir}")
-    write_cam_maps(
-        out_cam_maps,
-        image_ids,
-        [method for method, _ in FIDELITY_METHODS],
-        [model_name for _, model_name in FIDELITY_METHODS],
-        np.concatenate(batches),
+    ``random`` is each image's first random map, the one fidelity draws). Returns the number
+    of images."""
+    results = fidelity_shard_group(
+        "cam_maps",
+        checkpoint=checkpoint,
+        probe=probe,
+        shards_dir=shards_dir,
+        rank=rank,
+        trait_maps=trait_maps,
+        config=config,
+        state_path=state_path,
+        backbone_weights=backbone_weights,
     )
-    lines.report("wrote %s: %d test images", out_cam_maps, len(image_ids), force=True)
-    return len(image_ids)
+    return write_cam_maps_of(arrays=results.arrays(), rank=rank, out_cam_maps=out_cam_maps)
+
+
+def run_fidelity_part(
+    stage: Literal["fidelity", "cam_maps"],
+    *,
+    out_part: str | os.PathLike,
+    group: ShardGroup,
+    **inputs: Any,
+) -> int:
+    """One shard ``group``'s arrays of ``stage`` (``inputs``: the arguments of
+    :func:`fidelity_shard_group`) as a part file; returns its number of images."""
+    results = fidelity_shard_group(stage, group=group, **inputs)
+    return write_part(out_part, results, "test images")
+
+
+def gather_fidelity(
+    *, parts: Sequence[str | os.PathLike], shards_dir: str | os.PathLike, **outputs: Any
+) -> pd.DataFrame:
+    """fidelity's three files from the parts of shard groups 1..n (in that order), byte for
+    byte those of :func:`run_rank_fidelity` (``outputs``: :func:`write_fidelity`'s arguments
+    but ``info`` and ``arrays``)."""
+    info, arrays = gather_parts(parts, shards_dir, "test", "fidelity_part")
+    return write_fidelity(info=info, arrays=arrays, **outputs)
+
+
+def gather_cam_maps(
+    *, parts: Sequence[str | os.PathLike], shards_dir: str | os.PathLike, **outputs: Any
+) -> int:
+    """cam_maps.npz from the parts of shard groups 1..n, byte for byte that of
+    :func:`run_rank_cam_maps`."""
+    _, arrays = gather_parts(parts, shards_dir, "test", "cam_maps_part")
+    return write_cam_maps_of(arrays=arrays, **outputs)

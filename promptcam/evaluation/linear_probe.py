@@ -26,8 +26,10 @@ the mean absolute gap between each bin's accuracy and confidence, weighted by it
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -42,14 +44,19 @@ from sklearn.preprocessing import StandardScaler
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
+from promptcam.io import atomic_open
+
 __all__ = [
     "ECE_BINS",
+    "FittedProbe",
     "LinearProbeConfig",
     "backbone_features",
     "calibration",
     "expected_calibration_error",
     "fit_linear_probe",
-    "run_linear_probe",
+    "probe_report",
+    "read_probe",
+    "write_probe",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -169,29 +176,94 @@ def fit_linear_probe(
     return best, selected, grid
 
 
-def run_linear_probe(
-    backbone: VisionTransformer,
-    loaders: Mapping[str, DataLoader],
-    num_classes: int,
+PROBE_FORMAT = "promptcam-linear-probe/1"
+
+
+@dataclass
+class FittedProbe:
+    """The probe that the linear_probe rule selected (``linear_probe.npz``): the scikit-learn
+    pipeline, and ``report``: its settings, the C grid and its train/val calibration."""
+
+    pipeline: Pipeline
+    report: dict[str, Any]
+
+    @property
+    def pool(self) -> Pool:
+        return self.report["pool"]
+
+    def test_report(self, test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+        """``report`` with the test split's top-1 and calibration (``test_`` keys) inserted
+        after train and val's, as eval.json's ``linear_probe`` block."""
+        head = {key: value for key, value in self.report.items() if key not in TAIL_KEYS}
+        tail = {key: self.report[key] for key in TAIL_KEYS}
+        return {**head, **_prefixed("test", calibration(self.pipeline, *test)), **tail}
+
+
+TAIL_KEYS = ("ece_bins", "grid", "checkpoint_sha256")
+
+
+def probe_report(
+    pipeline: Pipeline,
+    selected: Mapping[str, Any],
+    grid: list[dict[str, Any]],
     config: LinearProbeConfig,
-    device: torch.device,
+    feature_dim: int,
+    num_classes: int,
+    checkpoint_sha256: str,
 ) -> dict[str, Any]:
-    """Features of the train, val and test loaders -> the probe's selection (``selected_C``,
-    ``selected_by``), and its top-1 and calibration on every split (``{split}_top1``,
-    ``{split}_log_loss``, ``{split}_true_class_probability``, ``{split}_ece``)."""
-    data = {
-        split: backbone_features(backbone, loaders[split], device, config.pool)
-        for split in ("train", "val", "test")
-    }
-    model, selected, grid = fit_linear_probe(data["train"], data["val"], config)
+    """What :class:`FittedProbe` records of a fit (see :func:`fit_linear_probe`)."""
     return {
         "pool": config.pool,
-        "feature_dim": int(data["train"][0].shape[1]),
+        "feature_dim": feature_dim,
         "num_classes": num_classes,
         "selected_by": "val_log_loss",
         "selected_C": selected["C"],
         **{key: value for key, value in selected.items() if key.startswith(("train_", "val_"))},
-        **_prefixed("test", calibration(model, *data["test"])),
         "ece_bins": ECE_BINS,
         "grid": grid,
+        "checkpoint_sha256": checkpoint_sha256,
     }
+
+
+def write_probe(path: str | os.PathLike, probe: FittedProbe) -> None:
+    """``linear_probe.npz`` (atomically, no pickles): the standardisation's ``mean`` and
+    ``scale``, the logistic regression's ``coef``, ``intercept`` and ``classes`` (float64 as
+    fitted, so that a reader predicts exactly what the fitted pipeline does), ``report``
+    as JSON."""
+    scaler, logistic = probe.pipeline[0], probe.pipeline[-1]
+    arrays = {
+        "format": np.asarray(PROBE_FORMAT),
+        "report": np.asarray(json.dumps(probe.report)),
+        "mean": np.asarray(scaler.mean_, np.float64),
+        "scale": np.asarray(scaler.scale_, np.float64),
+        "coef": np.asarray(logistic.coef_, np.float64),
+        "intercept": np.asarray(logistic.intercept_, np.float64),
+        "classes": np.asarray(logistic.classes_),
+        "C": np.asarray(logistic.C, np.float64),
+        "max_iter": np.asarray(logistic.max_iter),
+    }
+    with atomic_open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def read_probe(path: str | os.PathLike) -> FittedProbe:
+    """The probe :func:`write_probe` wrote, as a fitted scikit-learn pipeline."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            found = str(data["format"]) if "format" in data.files else "none"
+            if found != PROBE_FORMAT:
+                raise ValueError(f"a {found!r} file, not {PROBE_FORMAT!r}")
+            arrays = {name: data[name] for name in data.files}
+    except (ValueError, KeyError, OSError) as error:
+        raise ValueError(
+            f"{path}: not a linear probe ({error}); rerun rule linear_probe"
+        ) from error
+    scaler = StandardScaler()
+    scaler.mean_, scaler.scale_ = arrays["mean"], arrays["scale"]
+    scaler.var_ = arrays["scale"] ** 2
+    scaler.n_features_in_ = len(arrays["mean"])
+    logistic = LogisticRegression(C=float(arrays["C"]), max_iter=int(arrays["max_iter"]))
+    logistic.coef_, logistic.intercept_ = arrays["coef"], arrays["intercept"]
+    logistic.classes_ = arrays["classes"]
+    logistic.n_features_in_ = arrays["coef"].shape[1]
+    return FittedProbe(make_pipeline(scaler, logistic), json.loads(str(arrays["report"])))

@@ -149,11 +149,6 @@ def train_settings(rank):
     return canonical(rank_train_settings(config["train"], rank, levels()))
 
 
-def probe_settings():
-    """The evaluation's linear-probe settings, so that fidelity explains the same probe."""
-    return canonical(config["evaluate"]["linear_probe"])
-
-
 def backbone_weights():
     """The backbone's files as inputs (none for a randomly initialised backbone).
 

@@ -48,11 +48,42 @@ rule train:
         "../../scripts/train.py"
 
 
+# The rank's linear probe on the frozen backbone, fitted once on train/val: evaluate scores it
+# on test, cam_maps and fidelity explain it.
+rule linear_probe:
+    input:
+        shards=shards_dir(),
+        model=trained_model("{rank}"),
+        weights=backbone_weights(),
+    output:
+        rank_result("{rank}", "linear_probe.npz"),
+    log:
+        log_path("evaluate", "linear_probe_{rank}"),
+    benchmark:
+        benchmark_path("evaluate", "linear_probe_{rank}")
+    conda:
+        "../../envs/train.yaml"
+    threads: min(config["evaluate"]["threads"], config["max_threads"])
+    resources:
+        gpu=gpu_request(),
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
+    params:
+        settings=rule_settings("evaluate"),
+    script:
+        "../../scripts/evaluate.py"
+
+
+# With test_shard_groups n > 1, rule evaluate_part scores each group of test shards and rule
+# evaluate only gathers the parts (byte for byte the files of one job). Preempted (SIGTERM,
+# SIGUSR1), either saves its batches so far in parts/ and exits 75; the retry resumes.
 rule evaluate:
     input:
+        parts=scatter_parts("evaluate"),
         shards=shards_dir(),
         labels=label_map("{rank}"),
         model=trained_model("{rank}"),
+        probe=rank_result("{rank}", "linear_probe.npz"),
         weights=backbone_weights(),
     output:
         eval=report(
@@ -71,6 +102,35 @@ rule evaluate:
         log_path("evaluate", "{rank}"),
     benchmark:
         benchmark_path("evaluate", "{rank}")
+    retries: 2
+    conda:
+        "../../envs/train.yaml"
+    threads: min(config["evaluate"]["threads"], config["max_threads"])
+    resources:
+        gpu=whole_split_gpu_request,
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
+        slurm_extra="--signal=TERM@120",
+    params:
+        settings=rule_settings("evaluate"),
+        state=partial_state("{rank}", "evaluate"),
+    script:
+        "../../scripts/evaluate.py"
+
+
+rule evaluate_part:
+    input:
+        shards=shards_dir(),
+        model=trained_model("{rank}"),
+        probe=rank_result("{rank}", "linear_probe.npz"),
+        weights=backbone_weights(),
+    output:
+        temp(part_file("{rank}", "evaluate", "{group}")),
+    log:
+        log_path("evaluate", "{rank}_{group}"),
+    benchmark:
+        benchmark_path("evaluate", "{rank}_{group}")
+    retries: 2
     conda:
         "../../envs/train.yaml"
     threads: min(config["evaluate"]["threads"], config["max_threads"])
@@ -78,7 +138,9 @@ rule evaluate:
         gpu=gpu_request(),
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
+        slurm_extra="--signal=TERM@120",
     params:
         settings=rule_settings("evaluate"),
+        state=partial_state("{rank}", "evaluate", "{group}"),
     script:
         "../../scripts/evaluate.py"

@@ -159,10 +159,16 @@ rule localization:
 
 
 # Every method's maps of every test image, for localisation (cheap, unlike fidelity's curves);
-# fidelity recomputes those of the images it scores with the same functions and seeds.
+# fidelity recomputes those of the images it scores with the same functions and per-image
+# random streams. Both explain the rank's one linear probe (rule linear_probe). With
+# test_shard_groups n > 1, the *_part rules compute each group of test shards and cam_maps and
+# fidelity only gather the parts (byte for byte the files of one job). Preempted (SIGTERM,
+# SIGUSR1), any of them saves its batches so far in parts/ and exits 75; the retry resumes.
 rule cam_maps:
     input:
+        parts=scatter_parts("cam_maps"),
         checkpoint=trained_model("{rank}"),
+        probe=rank_result("{rank}", "linear_probe.npz"),
         weights=backbone_weights(),
         shards=shards_dir(),
         maps=rank_result("{rank}", "trait_maps.npz"),
@@ -172,6 +178,36 @@ rule cam_maps:
         log_path("traits", "cam_maps_{rank}"),
     benchmark:
         benchmark_path("traits", "cam_maps_{rank}")
+    retries: 2
+    conda:
+        "../../envs/traits.yaml"
+    threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
+    resources:
+        gpu=whole_split_gpu_request,
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
+        slurm_extra="--signal=TERM@120",
+    params:
+        settings=rule_settings("traits.fidelity"),
+        state=partial_state("{rank}", "cam_maps"),
+    script:
+        "../../scripts/fidelity.py"
+
+
+rule cam_maps_part:
+    input:
+        checkpoint=trained_model("{rank}"),
+        probe=rank_result("{rank}", "linear_probe.npz"),
+        weights=backbone_weights(),
+        shards=shards_dir(),
+        maps=rank_result("{rank}", "trait_maps.npz"),
+    output:
+        temp(part_file("{rank}", "cam_maps", "{group}")),
+    log:
+        log_path("traits", "cam_maps_{rank}_{group}"),
+    benchmark:
+        benchmark_path("traits", "cam_maps_{rank}_{group}")
+    retries: 2
     conda:
         "../../envs/traits.yaml"
     threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
@@ -179,16 +215,19 @@ rule cam_maps:
         gpu=gpu_request(),
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
+        slurm_extra="--signal=TERM@120",
     params:
         settings=rule_settings("traits.fidelity"),
-        linear_probe=probe_settings(),
+        state=partial_state("{rank}", "cam_maps", "{group}"),
     script:
         "../../scripts/fidelity.py"
 
 
 rule fidelity:
     input:
+        parts=scatter_parts("fidelity"),
         checkpoint=trained_model("{rank}"),
+        probe=rank_result("{rank}", "linear_probe.npz"),
         weights=backbone_weights(),
         shards=shards_dir(),
         maps=rank_result("{rank}", "trait_maps.npz"),
@@ -200,6 +239,36 @@ rule fidelity:
         log_path("traits", "fidelity_{rank}"),
     benchmark:
         benchmark_path("traits", "fidelity_{rank}")
+    retries: 2
+    conda:
+        "../../envs/traits.yaml"
+    threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
+    resources:
+        gpu=whole_split_gpu_request,
+        mem_mb=measured_mem_mb,
+        runtime=measured_runtime,
+        slurm_extra="--signal=TERM@120",
+    params:
+        settings=rule_settings("traits.fidelity"),
+        state=partial_state("{rank}", "fidelity"),
+    script:
+        "../../scripts/fidelity.py"
+
+
+rule fidelity_part:
+    input:
+        checkpoint=trained_model("{rank}"),
+        probe=rank_result("{rank}", "linear_probe.npz"),
+        weights=backbone_weights(),
+        shards=shards_dir(),
+        maps=rank_result("{rank}", "trait_maps.npz"),
+    output:
+        temp(part_file("{rank}", "fidelity", "{group}")),
+    log:
+        log_path("traits", "fidelity_{rank}_{group}"),
+    benchmark:
+        benchmark_path("traits", "fidelity_{rank}_{group}")
+    retries: 2
     conda:
         "../../envs/traits.yaml"
     threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
@@ -207,8 +276,9 @@ rule fidelity:
         gpu=gpu_request(),
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
+        slurm_extra="--signal=TERM@120",
     params:
         settings=rule_settings("traits.fidelity"),
-        linear_probe=probe_settings(),
+        state=partial_state("{rank}", "fidelity", "{group}"),
     script:
         "../../scripts/fidelity.py"
