@@ -34,7 +34,7 @@ RANKS = ("family", "genus", "species")
 N_CLASSES = {"family": 2, "genus": 4, "species": 8}
 N_IMAGES = 2 * 2 * 2 * 10  # pipeline_tiny: 2x2x2 species, 10 images each
 PER_RANK_JOBS = {
-    "train", "evaluate", "head_information", "traits", "heads", "cam_maps", "localization",
+    "train", "linear_probe", "evaluate", "head_information", "traits", "heads", "cam_maps", "localization",
     "fidelity",
 }  # fmt: skip
 PER_RANK_FIGURES = {"trait_panels", "trait_gallery", "cross_class_figure", "confusion_figure"}
@@ -383,10 +383,10 @@ def test_forcerun_retrains_one_rank_and_leaves_the_others(
     after = {rank: mtimes(results / rank) for rank in RANKS}
     assert after["family"] == before["family"]
     assert after["species"] == before["species"]
-    for name in ("model.pt", "metrics.tsv", "eval.json", "confusion.tsv"):
+    for name in ("model.pt", "metrics.tsv", "linear_probe.npz", "eval.json", "confusion.tsv"):
         assert after["genus"][name] > before["genus"][name], name
     # Not targeted: genus's traits are now out of date, and only they.
     assert after["genus"]["traits.parquet"] == before["genus"]["traits.parquet"]
     proc = run(run_command, snakemake_cmd(repo_root, workdir, configfile, "--dry-run"), workdir)
     jobs = planned_jobs(proc.stdout) - {("all", None)}
-    assert_reruns(jobs, PER_RANK_JOBS - {"train", "evaluate"}, proc.stdout)
+    assert_reruns(jobs, PER_RANK_JOBS - {"train", "linear_probe", "evaluate"}, proc.stdout)

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from promptcam.config import merged, rank_train_settings, validate_config
@@ -41,6 +44,18 @@ def memory_mb(shown: str) -> int:
     """A job's memory request from `scontrol -o show job` (MinMemoryNode=3G, 2304M, ...)."""
     value, unit = re.search(r"MinMemoryNode=(\d+)([MGT])", shown).groups()
     return int(value) * {"M": 1, "G": 1024, "T": 1024**2}[unit]
+
+
+def genus_size(workdir: Path, configfile: Path, repo_root: Path) -> JobSize:
+    """What genus's train job is sized by: its label map's counts and its epochs."""
+    classes, train, val, test = read_split_counts(workdir / "results/data/labels/genus.tsv")
+    config = merged(
+        yaml.safe_load((repo_root / "config" / "config.yaml").read_text()),
+        yaml.safe_load(configfile.read_text()),
+    )
+    validate_config(config, repo_root / "workflow" / "schemas" / "config.schema.yaml")
+    epochs = rank_train_settings(config["train"], "genus", config["levels"])["epochs"]
+    return JobSize(train + val + test, train, val, test, classes, epochs)
 
 
 @pytest.mark.slow
@@ -91,14 +106,8 @@ def test_one_rank_trains_and_evaluates_through_slurm(
     assert f"Partition={slurm_cluster.partition} " in shown, shown
     assert "gres:gpu:1" in shown or "gres/gpu:1" in shown, shown
     # The train job asked for what promptcam.resources says genus needs, from its label map.
-    classes, train, val, test = read_split_counts(workdir / "results/data/labels/genus.tsv")
-    config = merged(
-        yaml.safe_load((repo_root / "config" / "config.yaml").read_text()),
-        yaml.safe_load(configfile.read_text()),
-    )
-    validate_config(config, repo_root / "workflow" / "schemas" / "config.schema.yaml")
-    epochs = rank_train_settings(config["train"], "genus", config["levels"])["epochs"]
-    size = JobSize(train + val + test, train, val, test, classes, epochs)
+    size = genus_size(workdir, configfile, repo_root)
+    train, val, test = size.train, size.val, size.test
     request = job_resources("train", size)
     hours, minutes = divmod(request.runtime, 60)
     assert f"TimeLimit={hours:02d}:{minutes:02d}:00 " in shown, (request, shown)
@@ -111,3 +120,92 @@ def test_one_rank_trains_and_evaluates_through_slurm(
     data_request = job_resources("write_shards", JobSize(images=train + val + test))
     assert memory_mb(data) == data_request.mem_mb, (data_request, data)
     assert "gres:gpu" not in data and "gres/gpu" not in data, data
+
+
+# A train job of the retry test sleeps this long before each optimizer step: the tiny genus
+# run's 48 steps then last about 15 s, long enough to signal it between its first and last epoch.
+STEP_SECONDS = 0.3
+THROTTLE = f"""import time
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+register_optimizer_step_pre_hook(lambda *_: time.sleep({STEP_SECONDS}))
+"""
+
+
+def wait_for(condition, what: str, workdir: Path, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what}:\n{run_log(None, workdir)}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_snakemake_retries_a_preempted_train_job_and_it_resumes_to_the_same_model(
+    slurm_cluster, tiny_pipeline, repo_root, tmp_path, run_command
+):
+    """The tiny run copied without its genus results; genus trains through the user profile
+    on the local cluster, and SLURM signals the job's step (scancel --signal=TERM, what
+    --signal=TERM@120 sends before a time limit) after its first epoch. The job exits 75
+    with last.pt saved, Snakemake's retry (the profile's retries) submits a second job with
+    twice the request, and it resumes to the model the uninterrupted local run trained,
+    tensor for tensor."""
+    workdir = tmp_path / "wf"
+    shutil.copytree(tiny_pipeline.workdir, workdir, symlinks=True)
+    shutil.rmtree(workdir / "results" / "genus")
+    shutil.rmtree(workdir / "logs" / "train", ignore_errors=True)
+    site = tmp_path / "throttle"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(THROTTLE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAKEMAKE_PROFILE")}
+    env.pop("SLURM_JOB_ID", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "snakemake", "results/genus/model.pt", "--cores", "2",
+           "--profile", str(repo_root / "slurm"), "--profile", str(repo_root / "slurm" / "local"),
+           "--snakefile", str(repo_root / "Snakefile"),
+           "--directory", str(workdir), "--slurm-keep-successful-logs",
+           "--configfile", str(tiny_pipeline.configfile)]  # fmt: skip
+    run = subprocess.Popen(
+        cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    log = workdir / "logs" / "train" / "genus.log"
+    try:
+        wait_for(lambda: len(slurm_job_ids(workdir, "train")) == 1, "train job", workdir)
+        first = slurm_job_ids(workdir, "train")[0]
+        wait_for(
+            lambda: log.exists() and "genus epoch 1: " in log.read_text(errors="replace"),
+            "first epoch",
+            workdir,
+        )
+        subprocess.run(["scancel", "--signal=TERM", first], check=True, timeout=30)
+        output, _ = run.communicate(timeout=TIMEOUT_S)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, f"{output[-6000:]}\n{run_log(None, workdir)}"
+
+    jobs = slurm_job_ids(workdir, "train")
+    assert len(jobs) == 2 and first in jobs, (jobs, run_log(None, workdir))
+    text = log.read_text(errors="replace")
+    assert "stopped on SIGTERM" in text and "exit 75" in text, text[-4000:]
+    assert "resuming after step" in text, text[-4000:]
+    size = genus_size(workdir, tiny_pipeline.configfile, repo_root)
+    assert f"genus epoch {size.epochs}: " in text, text[-4000:]
+    # The retry asked for the second attempt's memory (promptcam.resources: twice the first).
+    shown = {
+        job: subprocess.run(
+            ["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30
+        ).stdout
+        for job in jobs
+    }
+    second = next(job for job in jobs if job != first)
+    for job, attempt in ((first, 1), (second, 2)):
+        assert memory_mb(shown[job]) == job_resources("train", size, attempt).mem_mb, shown[job]
+    assert "JobState=COMPLETED" in shown[second], shown[second]
+    resumed = torch.load(workdir / "results/genus/model.pt", map_location="cpu", weights_only=True)
+    straight = torch.load(
+        tiny_pipeline.workdir / "results/genus/model.pt", map_location="cpu", weights_only=True
+    )
+    assert resumed["state_dict"].keys() == straight["state_dict"].keys()
+    for name, tensor in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], tensor), name
+    assert not (workdir / "results" / "genus" / "last.pt").exists()

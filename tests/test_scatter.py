@@ -57,6 +57,7 @@ from promptcam.traits.run import (
 )
 
 RANK = "species"
+EVAL_FILES = {"eval": "eval.json", "confusion": "confusion.tsv"}
 TRAIT_FILES = {
     "table": "traits.parquet",
     "maps": "trait_maps.npz",
@@ -236,35 +237,56 @@ def restamp(folder: Path, like: Path) -> None:
         os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
 
 
+SCATTERED_RULES = ("traits", "evaluate", "cam_maps", "fidelity")
+SCATTERED_FILES = {
+    **TRAIT_FILES,
+    **EVAL_FILES,
+    "cam_maps": "cam_maps.npz",
+    "fidelity": "fidelity.tsv",
+    "counterfactual": "counterfactual.json",
+    "curves": "fidelity_curves.tsv",
+}
+
+
 @pytest.mark.slow
-def test_snakemake_scatters_the_trait_search_and_gathers_the_same_files(
+def test_snakemake_scatters_the_test_split_work_and_gathers_the_same_files(
     tiny_pipeline, tiny: SimpleNamespace, tmp_path: Path, run_command, repo_root: Path
 ) -> None:
-    """The tiny run copied (records kept) with its test split in 4 shards: test_shard_groups 3
-    plans 3 traits_part jobs and a gathering traits job for species only, nothing upstream,
-    and the gathered files equal the single job's; the parts are removed."""
-    workdir = tmp_path / "run"
-    shutil.copytree(tiny_pipeline.workdir, workdir, symlinks=True)
-    shards = workdir / "results" / "shards"
-    shutil.rmtree(shards)
-    shutil.copytree(tiny.shards, shards)
-    restamp(shards, tiny_pipeline.workdir / "results" / "shards" / MANIFEST_NAME)
-    targets = [f"results/{RANK}/{name}" for name in TRAIT_FILES.values()]
-    base = [sys.executable, "-m", "snakemake", *targets, "--cores", "2",
-            "--snakefile", str(repo_root / "Snakefile"), "--directory", str(workdir),
-            "--forcerun", "traits", "--configfile", str(tiny_pipeline.configfile),
-            "--config", "test_shard_groups=3"]  # fmt: skip
-    plan = run_command([*base, "--dry-run"], timeout=300, cwd=workdir)
-    assert plan.returncode == 0, plan.stderr[-3000:]
-    rules = sorted(re.findall(r"^rule (\w+):$", plan.stdout, re.M))
-    assert rules == ["traits", "traits_part", "traits_part", "traits_part"], plan.stdout[-4000:]
-    assert set(re.findall(r"group=(\w+)", plan.stdout)) == {"1of3", "2of3", "3of3"}
-    assert set(re.findall(r"rank=(\w+)", plan.stdout)) == {RANK}
-    proc = run_command(base, timeout=600, cwd=workdir)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    assert digests(workdir / "results" / RANK, TRAIT_FILES) == single_traits_of(tiny, batch_size=16)
-    assert not list((workdir / "results" / RANK / "parts").glob("traits_*.npz"))
-    assert (workdir / "results" / "benchmarks" / "traits" / f"traits_{RANK}_2of3.tsv").exists()
+    """The tiny run copied twice (records kept) with its test split in 4 shards: with
+    test_shard_groups 3, traits, evaluate, cam_maps and fidelity each plan 3 part jobs and a
+    gathering job, for species only, nothing upstream; every gathered file equals that of the
+    same run with one group; the parts are removed."""
+    digest: dict[int, dict[str, str]] = {}
+    for groups in (3, 1):
+        workdir = tmp_path / f"run{groups}"
+        shutil.copytree(tiny_pipeline.workdir, workdir, symlinks=True)
+        shards = workdir / "results" / "shards"
+        shutil.rmtree(shards)
+        shutil.copytree(tiny.shards, shards)
+        restamp(shards, tiny_pipeline.workdir / "results" / "shards" / MANIFEST_NAME)
+        targets = [f"results/{RANK}/{name}" for name in SCATTERED_FILES.values()]
+        base = [sys.executable, "-m", "snakemake", *targets, "--cores", "2",
+                "--snakefile", str(repo_root / "Snakefile"), "--directory", str(workdir),
+                "--forcerun", "traits", "evaluate", "--configfile", str(tiny_pipeline.configfile),
+                "--config", f"test_shard_groups={groups}"]  # fmt: skip
+        plan = run_command([*base, "--dry-run"], timeout=300, cwd=workdir)
+        assert plan.returncode == 0, plan.stderr[-3000:]
+        rules = sorted(re.findall(r"^rule (\w+):$", plan.stdout, re.M))
+        parts = [f"{rule}_part" for rule in SCATTERED_RULES] * 3 if groups > 1 else []
+        assert rules == sorted([*SCATTERED_RULES, *parts]), plan.stdout[-4000:]
+        if groups > 1:
+            assert set(re.findall(r"group=(\w+)", plan.stdout)) == {"1of3", "2of3", "3of3"}
+        assert set(re.findall(r"rank=(\w+)", plan.stdout)) == {RANK}
+        proc = run_command(base, timeout=900, cwd=workdir)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+        digest[groups] = digests(workdir / "results" / RANK, SCATTERED_FILES)
+        assert not list((workdir / "results" / RANK / "parts").glob("*.npz"))
+    assert digest[3] == digest[1]
+    assert digest[1]["traits.parquet"] == single_traits_of(tiny, batch_size=16)["traits.parquet"]
+    benchmarks = tmp_path / "run3" / "results" / "benchmarks"
+    for stage, name in (("traits", "traits"), ("evaluate", ""), ("traits", "fidelity")):
+        stem = f"{name}_{RANK}_2of3" if name else f"{RANK}_2of3"
+        assert (benchmarks / stage / f"{stem}.tsv").exists(), (stage, stem)
 
 
 # ----------------------------------------------------------------------------- preemption
@@ -366,7 +388,6 @@ def test_a_signalled_trait_search_saves_its_batches_and_resumes_to_the_same_file
 
 # ----------------------------------------------------------------------------- evaluate, fidelity
 
-EVAL_FILES = {"eval": "eval.json", "confusion": "confusion.tsv"}
 FIDELITY_FILES = {
     "table": "fidelity.tsv",
     "counterfactual": "counterfactual.json",
