@@ -18,7 +18,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,19 @@ def shard_group_info(
     return info
 
 
+def batches_done(keys: Iterable[tuple[int, int]]) -> dict[int, int]:
+    """Finished batches per shard position from their ``(shard, batch)`` keys, which must be
+    a prefix of each shard's batches (what a resumed loader skips)."""
+    keys = list(keys)
+    counts: dict[int, int] = {}
+    for shard, _ in keys:
+        counts[shard] = counts.get(shard, 0) + 1
+    for shard, count in counts.items():
+        if {batch for s, batch in keys if s == shard} != set(range(count)):
+            raise ValueError(f"the batches of shard {shard} are not a prefix")
+    return counts
+
+
 @dataclass
 class BatchResults:
     """Per-image arrays of finished batches, keyed by ``(shard, batch)``; every batch has the
@@ -86,13 +99,7 @@ class BatchResults:
 
     def done(self) -> dict[int, int]:
         """Batches finished per shard position; always a prefix of the shard's batches."""
-        counts: dict[int, int] = {}
-        for shard, _ in self.batches:
-            counts[shard] = counts.get(shard, 0) + 1
-        for shard, count in counts.items():
-            if {batch for s, batch in self.batches if s == shard} != set(range(count)):
-                raise ValueError(f"the batches of shard {shard} are not a prefix")
-        return counts
+        return batches_done(self.batches)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Every array concatenated in ``(shard, batch)`` order (no arrays without batches)."""

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from promptcam.data.batch_parts import batches_done
 from promptcam.data.batch_parts import check_parts as check_part_infos
 from promptcam.io import atomic_open
 from promptcam.traits.cross_class import CrossClassAccumulator
@@ -124,13 +125,7 @@ class SearchResults:
 
     def done(self) -> dict[int, int]:
         """Batches finished per shard position; always a prefix of the shard's batches."""
-        counts: dict[int, int] = {}
-        for shard, _ in self.batches:
-            counts[shard] = counts.get(shard, 0) + 1
-        for shard, count in counts.items():
-            if {batch for s, batch in self.batches if s == shard} != set(range(count)):
-                raise ValueError(f"the batches of shard {shard} are not a prefix")
-        return counts
+        return batches_done(self.batches)
 
     def part(self) -> TraitsPart:
         """The results in shard order."""
