@@ -1,12 +1,14 @@
 """Per-rule memory and time, measured: fit promptcam.resources.MEASURED from benchmark files.
 
-    python benchmarks/bench_resources.py                    # runs the tiny pipeline (~2 min)
-    python benchmarks/bench_resources.py --tiny DIR         # reuse a finished tiny run in DIR
+    python benchmarks/bench_resources.py        # runs the tiny pipeline twice (~5 min)
+    python benchmarks/bench_resources.py --tiny DIR --tiny-sharded DIR2   # reuse finished runs
 
 Reads every rule's ``benchmark:`` file (Snakemake's ``s`` and ``max_rss``) of two runs of the
 whole pipeline: the default demo (``--demo``, default ``results/`` of this repository, read only)
 and the tiny test pipeline (tests/configs/pipeline_tiny.yaml, run here with ``--directory`` in a
-temporary folder unless ``--tiny`` names one). Each job's size (images per split, classes,
+temporary folder unless ``--tiny`` names one), and for the part and gathering rules of the
+test-split stages the tiny pipeline once more with ``test_shard_groups: 3`` (``--tiny-sharded``;
+only its part and gathering jobs are read). Each job's size (images per split, classes,
 epochs, fidelity images) comes from that run's label maps and config. Per rule, a least-squares
 line through (units, seconds) and (units, MB), slope clamped at >= 0, raised to lie on or above
 every point (the peak RSS: the largest measured, flat, since 80 against 720 images shows no
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -35,6 +38,7 @@ from promptcam.resources import (
     VIT_B_MAPS_MB_PER_IMAGE,
     JobSize,
     RuleCost,
+    gathering_rule,
     job_resources,
     read_split_counts,
 )
@@ -47,8 +51,10 @@ TINY_CONFIG = REPO / "tests" / "configs" / "pipeline_tiny.yaml"
 PER_RANK = {
     "train/": "train",
     "evaluate/": "evaluate",
+    "evaluate/linear_probe_": "linear_probe",
     "traits/traits_": "traits",
     "traits/heads_": "heads",
+    "traits/head_information_": "head_information",
     "traits/localization_": "localization",
     "traits/cam_maps_": "cam_maps",
     "traits/fidelity_": "fidelity",
@@ -89,8 +95,15 @@ AT_SCALE = {
     ),
     "write_shards": (1 / 168, 0.0, "bench_shards: 168 img/s, 1 worker, 256 px"),
 }
-# New rules without a benchmark run yet: the rule whose work they took over stands in.
-STAND_IN = {"head_information": "heads"}
+# The test-split stages' benchmark prefixes; in the sharded run "<prefix><rank>" is the
+# gathering job and "<prefix><rank>_<i>of<n>" a part.
+SHARDED_PREFIX = {
+    "evaluate": "evaluate/",
+    "traits": "traits/traits_",
+    "cam_maps": "traits/cam_maps_",
+    "fidelity": "traits/fidelity_",
+}
+SHARD_GROUPS = 3
 # Demo backbone pre-training (not part of rule all): RESULTS.md "Demo pipeline", 5,364 s of one
 # CPU thread; its memory is not measured: training's demo peak stands in.
 PRETRAIN = (5364.0, "RESULTS.md: 5,364 s (1 CPU thread); RSS: train's demo peak (not measured)")
@@ -134,21 +147,41 @@ def run_sizes(workdir: Path, config: dict) -> dict[str, JobSize]:
         sizes[rank] = JobSize(
             images=train + val + test, train=train, val=val, test=test, classes=classes,
             epochs=epochs, fidelity_images=min(test, fidelity_max or test),
+            test_groups=config["test_shard_groups"],
         )  # fmt: skip
     sizes[""] = sizes[levels[-1]]
     return sizes
 
 
-def run_points(workdir: Path, config: dict, label: str) -> dict[str, list[tuple]]:
+def benchmark_rule(stem: str, ranks, sharded: bool) -> tuple[str | None, str]:
+    """(rule, rank) of a benchmark file stem; in a sharded run only the part and gathering
+    jobs of the test-split stages (the rest were measured in the unsharded runs)."""
+    if sharded:
+        for stage, prefix in SHARDED_PREFIX.items():
+            rest = stem[len(prefix) :] if stem.startswith(prefix) else ""
+            for rank in ranks:
+                if rest == rank:
+                    return gathering_rule(stage), rank
+                if re.fullmatch(rf"{re.escape(rank)}_\d+of\d+", rest):
+                    return f"{stage}_part", rank
+        return None, ""
+    rule, rank = ACROSS.get(stem), ""
+    for prefix, name in PER_RANK.items():
+        if stem.startswith(prefix) and stem[len(prefix) :] in ranks:
+            rule, rank = name, stem[len(prefix) :]
+    return rule, rank
+
+
+def run_points(
+    workdir: Path, config: dict, label: str, sharded: bool = False
+) -> dict[str, list[tuple]]:
     sizes = run_sizes(workdir, config)
+    ranks = [rank for rank in sizes if rank]
     root = workdir / "results" / "benchmarks"
     points: dict[str, list[tuple]] = {}
     for path in sorted(root.rglob("*.tsv")):
         stem = str(path.relative_to(root).with_suffix(""))
-        rule, rank = ACROSS.get(stem), ""
-        for prefix, name in PER_RANK.items():
-            if stem.startswith(prefix) and stem[len(prefix) :] in sizes:
-                rule, rank = name, stem[len(prefix) :]
+        rule, rank = benchmark_rule(stem, ranks, sharded)
         if rule is None:
             continue
         seconds, rss = read_benchmark(path)
@@ -167,14 +200,17 @@ def envelope(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return max(0.0, float(np.max(y - slope * x))), slope
 
 
-def tiny_run(path: str | None) -> Path:
+def tiny_run(path: str | None, *config: str) -> Path:
+    """A finished tiny-pipeline run: ``path``, or a new one with ``--config`` ``config``."""
     if path:
         return Path(path)
     work = Path(tempfile.mkdtemp(prefix="bench_resources_"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "QT_QPA_PLATFORM": "offscreen", "MPLBACKEND": "Agg"}
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--snakefile",
            str(REPO / "Snakefile"), "--directory", str(work), "--configfile", str(TINY_CONFIG)]  # fmt: skip
-    print(f"running the tiny pipeline in {work} ...", file=sys.stderr)
+    if config:
+        cmd += ["--config", *config]
+    print(f"running the tiny pipeline {' '.join(config)} in {work} ...", file=sys.stderr)
     subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
     return work
 
@@ -183,13 +219,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo", default=str(REPO), help="a finished default-demo run")
     parser.add_argument("--tiny", default=None, help="a finished tiny-pipeline run")
+    parser.add_argument(
+        "--tiny-sharded",
+        default=None,
+        help=f"a finished tiny-pipeline run with test_shard_groups={SHARD_GROUPS}",
+    )
     args = parser.parse_args()
 
     demo_dir, tiny_dir = Path(args.demo), tiny_run(args.tiny)
+    sharded_dir = tiny_run(args.tiny_sharded, f"test_shard_groups={SHARD_GROUPS}")
     demo_config = merged_config(REPO / "config" / "config.yaml")
     tiny_config = merged_config(REPO / "config" / "config.yaml", TINY_CONFIG)
+    sharded_config = {**tiny_config, "test_shard_groups": SHARD_GROUPS}
     points = run_points(demo_dir, demo_config, "demo")
-    for rule, more in run_points(tiny_dir, tiny_config, "tiny").items():
+    for rule, more in [
+        *run_points(tiny_dir, tiny_config, "tiny").items(),
+        *run_points(sharded_dir, sharded_config, f"tiny, {SHARD_GROUPS} groups", True).items(),
+    ]:
         points.setdefault(rule, []).extend(more)
     for rule, more in FIGURE_POINTS.items():
         points.setdefault(rule, []).extend((c, s, m, f"C={c}") for c, s, m in more)
@@ -200,13 +246,6 @@ def main() -> None:
             rss = max(p[2] for p in points["train"])
             costs[rule] = RuleCost(PRETRAIN[0], 0.0, round(rss, 1), 0.0, PRETRAIN[1])
             continue
-        if rule in STAND_IN:
-            stand_in = costs[STAND_IN[rule]]
-            costs[rule] = RuleCost(
-                stand_in.fixed_s, stand_in.s_per_unit, stand_in.rss_mb, stand_in.mb_per_unit,
-                f"not measured yet: the cost of {STAND_IN[rule]}",
-            )  # fmt: skip
-            continue
         if rule in UNBENCHMARKED_FIGURES:
             seconds, rss = FIGURE_STAGE_BOUND
             costs[rule] = RuleCost(seconds, 0.0, rss, 0.0, "figure stage bound (RESULTS.md)")
@@ -216,6 +255,9 @@ def main() -> None:
         fixed, slope = envelope(xs, [p[1] for p in found])
         in_runs = any(not where.startswith("C=") for *_, where in found)
         sources = ["demo + tiny pipeline benchmarks"] if in_runs else []
+        sharded_label = f"tiny, {SHARD_GROUPS} groups"
+        if all(where.startswith(sharded_label) for *_, where in found):
+            sources = [f"tiny pipeline, {SHARD_GROUPS} groups"]
         if rule in FIGURE_POINTS:
             rss, mb_slope = envelope(xs, [p[2] for p in found])
             sources.append("bench_figures (C = 12, 200, 1,000)")
@@ -225,7 +267,7 @@ def main() -> None:
             # scale (AT_SCALE) or computed (the trait maps).
             rss, mb_slope = max(p[2] for p in found), 0.0
         source = " + ".join(sources)
-        if rule == "traits":
+        if rule in ("traits", "traits_part", gathering_rule("traits")):
             mb_slope = VIT_B_MAPS_MB_PER_IMAGE
             source += "; MB per image: ViT-B/16 trait maps (computed)"
         if rule in AT_SCALE and AT_SCALE[rule][0] > slope:
@@ -234,6 +276,18 @@ def main() -> None:
         costs[rule] = RuleCost(
             round(fixed, 3), float(f"{slope:.4g}"), round(rss, 1), float(f"{mb_slope:.4g}"), source
         )
+
+    # Parts and gathers were measured at one size (the tiny run's groups), which fits no slope:
+    # a part does its stage's work per image, and a gather is given the same (it over-asks).
+    for stage in SHARDED_PREFIX:
+        whole = costs[stage]
+        for rule in (f"{stage}_part", gathering_rule(stage)):
+            own = costs[rule]
+            if whole.s_per_unit > own.s_per_unit:
+                costs[rule] = RuleCost(
+                    own.fixed_s, whole.s_per_unit, own.rss_mb, own.mb_per_unit,
+                    f"tiny pipeline, {SHARD_GROUPS} groups; per image: the {stage} rule's",
+                )  # fmt: skip
 
     print("MEASURED: dict[str, RuleCost] = {")
     for rule, cost in costs.items():

@@ -43,7 +43,7 @@ MEM_STEP_MB = 256
 class JobSize:
     """What a job's work grows with: images of each split (of the whole dataset, or of one
     rank's label map), classes of the rank (the finest for rules across ranks), training
-    epochs and the images fidelity scores."""
+    epochs, the images fidelity scores and the groups the test split is shared among."""
 
     images: int = 0
     train: int = 0
@@ -52,6 +52,8 @@ class JobSize:
     classes: int = 0
     epochs: int = 0
     fidelity_images: int = 0
+    # Shard groups the test split is cut into (config test_shard_groups; 1: one job).
+    test_groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,26 @@ class RuleCost:
     source: str = "demo + tiny pipeline benchmarks"
 
 
-def _split_images(size: JobSize) -> int:
-    return size.train + size.val + size.test
+def _group_images(size: JobSize) -> int:
+    """Test images of one shard group's part job: an even share (groups cut whole shards, so
+    one may hold more; the time headroom covers up to twice the share)."""
+    return math.ceil(size.test / max(1, size.test_groups))
+
+
+# The test-split stages that test_shard_groups > 1 cuts into part jobs ("<stage>_part", one
+# GPU each) and one job that only gathers the parts, named by gathering_rule: it runs no model,
+# so it asks for no GPU and the profile sends it to no GPU partition.
+SHARDED_STAGES = ("traits", "evaluate", "cam_maps", "fidelity")
+
+
+def gathering_rule(stage: str) -> str:
+    """The name a sharded stage's rule takes when it only gathers parts."""
+    return f"{stage}_gather"
+
+
+def stage_of(rule: str) -> str:
+    """The test-split stage of a rule, its part rule or its gathering rule."""
+    return rule.removesuffix("_part").removesuffix("_gather")
 
 
 # What each rule's work grows with (the unit of RuleCost.s_per_unit), in words and as a number.
@@ -77,20 +97,26 @@ UNITS: dict[str, tuple[str, Callable[[JobSize], float]]] = {
     "write_shards": ("images", lambda s: s.images),
     "pretrain_backbone": ("-", lambda s: 0),
     "train": ("(train + val images) x epochs", lambda s: (s.train + s.val) * s.epochs),
-    "linear_probe": ("images of the rank", _split_images),
-    "evaluate": ("images of the rank", _split_images),
-    # Parts of the test-split rules: priced as the whole split (over-asks by the group count).
-    "evaluate_part": ("images of the rank", _split_images),
+    "linear_probe": ("train + val images", lambda s: s.train + s.val),
+    "evaluate": ("test images", lambda s: s.test),
+    "evaluate_part": ("test images of its group", _group_images),
+    "evaluate_gather": ("test images", lambda s: s.test),
     "traits": ("test images", lambda s: s.test),
-    # A part searches 1/n of the rank's test images; priced as all of them (over-asks).
-    "traits_part": ("test images of the rank", lambda s: s.test),
+    "traits_part": ("test images of its group", _group_images),
+    "traits_gather": ("test images", lambda s: s.test),
     "heads": ("test images", lambda s: s.test),
     "head_information": ("test images", lambda s: s.test),
     "localization": ("train + test images", lambda s: s.train + s.test),
     "cam_maps": ("test images", lambda s: s.test),
-    "cam_maps_part": ("test images of the rank", lambda s: s.test),
+    "cam_maps_part": ("test images of its group", _group_images),
+    "cam_maps_gather": ("test images", lambda s: s.test),
     "fidelity": ("images scored", lambda s: s.fidelity_images),
-    "fidelity_part": ("images scored of the rank", lambda s: s.fidelity_images),
+    # The images scored are the split's first, in shard order: a group may hold all of them.
+    "fidelity_part": (
+        "images scored in its group (at most)",
+        lambda s: min(s.fidelity_images, _group_images(s)),
+    ),
+    "fidelity_gather": ("images scored", lambda s: s.fidelity_images),
     "trait_panels": ("classes", lambda s: s.classes),
     "trait_gallery": ("classes", lambda s: s.classes),
     "cross_class_figure": ("classes", lambda s: s.classes),
@@ -124,97 +150,106 @@ GPU_RULES = frozenset(
 )
 
 # Printed by benchmarks/bench_resources.py (2026-12-07), from the default demo's benchmark
-# files (results/benchmarks, 2026-12-06) and a tiny-pipeline run; see benchmarks/RESULTS.md.
+# files (a from-scratch run of 2026-12-07, 51 jobs) and two tiny-pipeline runs, the second with
+# test_shard_groups 3 (the part and gathering rules); see benchmarks/RESULTS.md.
 MEASURED: dict[str, RuleCost] = {
-    "generate_demo": RuleCost(0.32, 0.002125, 152.0, 0.0, "demo + tiny pipeline benchmarks"),
+    "generate_demo": RuleCost(0.262, 0.002344, 148.4, 0.0, "demo + tiny pipeline benchmarks"),
     "prepare_metadata": RuleCost(
-        0.99,
+        1.005,
         0.003473,
-        226.6,
+        458.7,
         0.000639,
         "fixed: demo + tiny; per image: image check 290 img/s/core, 1M-row table",
     ),
     "write_shards": RuleCost(
-        0.92,
+        0.873,
         0.005952,
-        495.0,
+        495.8,
         0.0,
         "fixed: demo + tiny; per image: bench_shards: 168 img/s, 1 worker, 256 px",
     ),
     "pretrain_backbone": RuleCost(
         5364.0,
         0.0,
-        1527.4,
+        1506.6,
         0.0,
         "RESULTS.md: 5,364 s (1 CPU thread); RSS: train's demo peak (not measured)",
     ),
-    "train": RuleCost(5.208, 0.003461, 1527.4, 0.0, "demo + tiny pipeline benchmarks"),
-    # evaluate's line was measured while it also fitted the probe: it over-asks now.
-    "linear_probe": RuleCost(
-        5.528, 0.003948, 1580.3, 0.0, "evaluate's line (probe and test scores, one job)"
+    "train": RuleCost(8.146, 0.002469, 1506.6, 0.0, "demo + tiny pipeline benchmarks"),
+    "linear_probe": RuleCost(5.679, 0.003352, 1537.4, 0.0, "demo + tiny pipeline benchmarks"),
+    "evaluate": RuleCost(4.633, 0.005435, 1493.3, 0.0, "demo + tiny pipeline benchmarks"),
+    "evaluate_part": RuleCost(
+        5.83, 0.005435, 915.2, 0.0, "tiny pipeline, 3 groups; per image: the evaluate rule's"
     ),
-    "evaluate": RuleCost(5.528, 0.003948, 1580.3, 0.0, "demo + tiny pipeline benchmarks"),
-    "evaluate_part": RuleCost(5.528, 0.003948, 1580.3, 0.0, "evaluate's line, whole split"),
+    "evaluate_gather": RuleCost(
+        5.69, 0.005435, 891.8, 0.0, "tiny pipeline, 3 groups; per image: the evaluate rule's"
+    ),
     "traits": RuleCost(
-        6.62,
-        0.01833,
-        949.8,
+        5.417,
+        0.009746,
+        929.1,
         0.008972,
         "demo + tiny pipeline benchmarks; MB per image: ViT-B/16 trait maps (computed)",
     ),
     "traits_part": RuleCost(
-        6.62,
-        0.01833,
-        949.8,
-        0.008972,
-        "the traits rule's line, over all the rank's test images; tiny pipeline, test split in 4 "
-        "shards, 3 groups: 3.8-4.4 s, 899-900 MB per part (the gather: 3.8 s, 874 MB)",
+        5.23, 0.009746, 904.2, 0.008972, "tiny pipeline, 3 groups; per image: the traits rule's"
     ),
-    "heads": RuleCost(30.762, 0.1832, 1025.1, 0.0, "demo + tiny pipeline benchmarks"),
-    "head_information": RuleCost(
-        30.762, 0.1832, 1025.1, 0.0, "not measured yet: the cost of heads"
+    "traits_gather": RuleCost(
+        5.17, 0.009746, 873.2, 0.008972, "tiny pipeline, 3 groups; per image: the traits rule's"
     ),
-    "localization": RuleCost(4.946, 0.0003163, 1046.5, 0.0, "demo + tiny pipeline benchmarks"),
-    "cam_maps": RuleCost(18.785, 0.08384, 1209.0, 0.0, "demo + tiny pipeline benchmarks"),
-    "cam_maps_part": RuleCost(18.785, 0.08384, 1209.0, 0.0, "cam_maps' line, whole split"),
-    "fidelity": RuleCost(19.1, 5.267, 1222.0, 0.0, "demo + tiny pipeline benchmarks"),
-    "fidelity_part": RuleCost(19.1, 5.267, 1222.0, 0.0, "fidelity's line, whole split"),
+    "heads": RuleCost(11.87, 0.06185, 1001.1, 0.0, "demo + tiny pipeline benchmarks"),
+    "head_information": RuleCost(9.316, 0.04736, 1053.7, 0.0, "demo + tiny pipeline benchmarks"),
+    "localization": RuleCost(5.656, 0.003291, 910.2, 0.0, "demo + tiny pipeline benchmarks"),
+    "cam_maps": RuleCost(4.745, 0.004058, 1177.0, 0.0, "demo + tiny pipeline benchmarks"),
+    "cam_maps_part": RuleCost(
+        5.65, 0.004058, 984.5, 0.0, "tiny pipeline, 3 groups; per image: the cam_maps rule's"
+    ),
+    "cam_maps_gather": RuleCost(
+        4.5, 0.004058, 824.5, 0.0, "tiny pipeline, 3 groups; per image: the cam_maps rule's"
+    ),
+    "fidelity": RuleCost(6.701, 1.516, 1128.2, 0.0, "demo + tiny pipeline benchmarks"),
+    "fidelity_part": RuleCost(
+        6.88, 1.516, 934.1, 0.0, "tiny pipeline, 3 groups; per image: the fidelity rule's"
+    ),
+    "fidelity_gather": RuleCost(
+        4.71, 1.516, 831.8, 0.0, "tiny pipeline, 3 groups; per image: the fidelity rule's"
+    ),
     "trait_panels": RuleCost(
-        43.841,
-        0.04565,
+        43.703,
+        0.04633,
         340.9,
-        0.04574,
+        0.0453,
         "demo + tiny pipeline benchmarks + bench_figures (C = 12, 200, 1,000)",
     ),
     "trait_gallery": RuleCost(
-        2.322,
-        0.1571,
-        338.9,
-        0.1154,
+        2.116,
+        0.1572,
+        338.6,
+        0.1169,
         "demo + tiny pipeline benchmarks + bench_figures (C = 12, 200, 1,000)",
     ),
     "cross_class_figure": RuleCost(
-        8.99,
+        5.69,
         0.0,
-        356.4,
-        0.01028,
+        354.7,
+        0.01215,
         "demo + tiny pipeline benchmarks + bench_figures (C = 12, 200, 1,000)",
     ),
     "confusion_figure": RuleCost(
         0.81, 0.01082, 340.4, 0.1331, "bench_figures (C = 12, 200, 1,000)"
     ),
     "coarse_to_fine": RuleCost(
-        25.205,
-        0.01877,
-        337.6,
-        0.0658,
+        25.14,
+        0.0191,
+        336.4,
+        0.06811,
         "demo + tiny pipeline benchmarks + bench_figures (C = 12, 200, 1,000)",
     ),
     "tree_overview": RuleCost(
-        5.222,
-        0.003531,
-        316.4,
-        0.0682,
+        4.281,
+        0.004065,
+        316.3,
+        0.06874,
         "demo + tiny pipeline benchmarks + bench_figures (C = 12, 200, 1,000)",
     ),
     "accuracy_figure": RuleCost(0.34, 0.0, 252.0, 0.0, "bench_figures (C = 12, 200, 1,000)"),

@@ -1,4 +1,4 @@
-"""Snakemake adapter for rules linear_probe, evaluate and evaluate_part: see
+"""Snakemake adapter for rules linear_probe, evaluate, evaluate_part and evaluate_gather: see
 promptcam.evaluation.evaluate (fit_rank_probe, evaluate_rank, run_evaluate_part,
 gather_evaluation). Exit 75: stopped on SIGTERM/SIGUSR1, state saved."""
 
@@ -14,6 +14,7 @@ from promptcam.evaluation.evaluate import (
     run_evaluate_part,
 )
 from promptcam.joblog import job_log
+from promptcam.resources import gathering_rule
 from promptcam.training.preemption import exit_status
 
 
@@ -55,7 +56,7 @@ def main() -> int:
             "out_confusion": snakemake.output.confusion,
             "labels_tsv": snakemake.input.labels,
         }
-        if snakemake.input.parts:
+        if rule == gathering_rule("evaluate"):
             return exit_status(gather_evaluation, parts=list(snakemake.input.parts), **outputs)
         return exit_status(evaluate_rank, **outputs, state_path=snakemake.params.state)
 

@@ -1,4 +1,4 @@
-"""Snakemake adapter for rules fidelity, fidelity_part, cam_maps and cam_maps_part: see
+"""Snakemake adapter for rules fidelity, cam_maps, their parts and gathers: see
 promptcam.evaluation.fidelity (run_rank_fidelity, run_rank_cam_maps, run_fidelity_part,
 gather_fidelity, gather_cam_maps). Exit 75: stopped on SIGTERM/SIGUSR1, state saved."""
 
@@ -15,13 +15,14 @@ from promptcam.evaluation.fidelity import (
     run_rank_fidelity,
 )
 from promptcam.joblog import job_log
+from promptcam.resources import gathering_rule, stage_of
 from promptcam.training.preemption import exit_status
 
 
 def main() -> int:
     rule, rank = snakemake.rule, snakemake.wildcards.rank
     group = getattr(snakemake.wildcards, "group", None)
-    stage = rule.removesuffix("_part")
+    stage = stage_of(rule)
     with job_log(snakemake.log[0], " ".join(filter(None, [rule, rank, group]))):
         # Runtime keys are read from the config, not params, so changing them reruns nothing.
         runtime = {
@@ -43,9 +44,10 @@ def main() -> int:
         if group is not None:
             part = {"out_part": snakemake.output[0], "group": ShardGroup.parse(group)}
             return exit_status(run_fidelity_part, stage, **inputs, **part)
+        gathering = rule == gathering_rule(stage)
         parts = list(snakemake.input.parts)
         if stage == "cam_maps":
-            if parts:
+            if gathering:
                 return exit_status(
                     gather_cam_maps,
                     parts=parts,
@@ -59,7 +61,7 @@ def main() -> int:
             "out_counterfactual": snakemake.output.counterfactual,
             "out_curves": snakemake.output.curves,
         }
-        if parts:
+        if gathering:
             return exit_status(
                 gather_fidelity,
                 parts=parts,

@@ -1,4 +1,4 @@
-"""Snakemake adapter for rules traits and traits_part: see promptcam.traits.run (run_rank_traits,
+"""Snakemake adapter for rules traits, traits_part and traits_gather: see promptcam.traits.run (run_rank_traits,
 run_traits_part, gather_rank_traits). Exit 75: stopped on SIGTERM/SIGUSR1, state saved."""
 
 import sys
@@ -6,6 +6,7 @@ import sys
 from promptcam.config import runtime_settings, settings_from_config
 from promptcam.data.reader import ShardGroup
 from promptcam.joblog import job_log
+from promptcam.resources import gathering_rule
 from promptcam.training.preemption import exit_status
 from promptcam.traits.cross_class import siblings_from_taxonomy
 from promptcam.traits.run import (
@@ -24,7 +25,7 @@ def main() -> int:
         config = settings_from_config(
             TraitRunConfig, {**snakemake.params.settings, **runtime}, "traits"
         )
-        if rule == "traits" and snakemake.input.parts:
+        if rule == gathering_rule("traits"):
             return exit_status(
                 gather_rank_traits,
                 parts=list(snakemake.input.parts),

@@ -37,7 +37,7 @@ def run_log(proc: subprocess.CompletedProcess | None, workdir: Path) -> str:
 def slurm_job_ids(workdir: Path, rule: str) -> list[str]:
     """Job ids of a rule's SLURM jobs, from the plugin's per-job logs (<jobid>.log)."""
     logs = (workdir / ".snakemake" / "slurm_logs" / f"rule_{rule}").rglob("*.log")
-    return sorted(path.stem for path in logs)
+    return sorted((path.stem for path in logs), key=int)
 
 
 def memory_mb(shown: str) -> int:
@@ -122,13 +122,16 @@ def test_one_rank_trains_and_evaluates_through_slurm(
     assert "gres:gpu" not in data and "gres/gpu" not in data, data
 
 
-# A train job of the retry test sleeps this long before each optimizer step: the tiny genus
-# run's 48 steps then last about 15 s, long enough to signal it between its first and last epoch.
-STEP_SECONDS = 0.3
-THROTTLE = f"""import time
-from torch.optim.optimizer import register_optimizer_step_pre_hook
-register_optimizer_step_pre_hook(lambda *_: time.sleep({STEP_SECONDS}))
-"""
+def throttled_pythonpath(folder: Path, step_seconds: float, pythonpath: str | None) -> str:
+    """PYTHONPATH whose sitecustomize makes every optimizer step sleep ``step_seconds``: it
+    stretches a training's wall time only (no tensor, no RNG changes)."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import time\n"
+        "from torch.optim.optimizer import register_optimizer_step_pre_hook\n"
+        f"register_optimizer_step_pre_hook(lambda *_: time.sleep({step_seconds}))\n"
+    )
+    return os.pathsep.join(filter(None, [str(folder), pythonpath]))
 
 
 def wait_for(condition, what: str, workdir: Path, timeout: float = TIMEOUT_S) -> None:
@@ -138,43 +141,42 @@ def wait_for(condition, what: str, workdir: Path, timeout: float = TIMEOUT_S) ->
         time.sleep(0.2)
 
 
-@pytest.mark.slow
-def test_snakemake_retries_a_preempted_train_job_and_it_resumes_to_the_same_model(
-    slurm_cluster, tiny_pipeline, repo_root, tmp_path, run_command
-):
-    """The tiny run copied without its genus results; genus trains through the user profile
-    on the local cluster, and SLURM signals the job's step (scancel --signal=TERM, what
-    --signal=TERM@120 sends before a time limit) after its first epoch. Training exits 75
-    with last.pt saved, the rule's retries restart it, and it resumes to the model the
-    uninterrupted local run trained, tensor for tensor."""
+def job_state(job: str) -> str:
+    """`scontrol -o show job` (jobs stay visible for MinJobAge, 300 s, after they end)."""
+    return subprocess.run(
+        ["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30
+    ).stdout
+
+
+def train_genus_through_slurm(
+    tiny_pipeline, repo_root: Path, tmp_path: Path, step_seconds: float, extra_args=(), during=None
+) -> tuple[str, Path]:
+    """The tiny run copied without its genus results; genus trains through the user profile on
+    the local cluster, each optimizer step throttled by ``step_seconds``; ``during(workdir,
+    log)`` runs while Snakemake does. Returns Snakemake's output and the working folder, after
+    checking that genus ended with the uninterrupted local run's model, tensor for tensor."""
     workdir = tmp_path / "wf"
     shutil.copytree(tiny_pipeline.workdir, workdir, symlinks=True)
     shutil.rmtree(workdir / "results" / "genus")
     shutil.rmtree(workdir / "logs" / "train", ignore_errors=True)
-    site = tmp_path / "throttle"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(THROTTLE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SNAKEMAKE_PROFILE")}
     env.pop("SLURM_JOB_ID", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = throttled_pythonpath(
+        tmp_path / "throttle", step_seconds, env.get("PYTHONPATH")
+    )
     cmd = [sys.executable, "-m", "snakemake", "results/genus/model.pt", "--cores", "2",
            "--profile", str(repo_root / "slurm"), "--profile", str(repo_root / "slurm" / "local"),
            "--snakefile", str(repo_root / "Snakefile"),
            "--directory", str(workdir), "--slurm-keep-successful-logs",
+           *extra_args,
            "--configfile", str(tiny_pipeline.configfile)]  # fmt: skip
     run = subprocess.Popen(
         cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     log = workdir / "logs" / "train" / "genus.log"
     try:
-        wait_for(lambda: len(slurm_job_ids(workdir, "train")) == 1, "train job", workdir)
-        first = slurm_job_ids(workdir, "train")[0]
-        wait_for(
-            lambda: log.exists() and "genus epoch 1: " in log.read_text(errors="replace"),
-            "first epoch",
-            workdir,
-        )
-        subprocess.run(["scancel", "--signal=TERM", first], check=True, timeout=30)
+        if during is not None:
+            during(workdir, log)
         output, _ = run.communicate(timeout=TIMEOUT_S)
     finally:
         if run.poll() is None:
@@ -182,20 +184,10 @@ def test_snakemake_retries_a_preempted_train_job_and_it_resumes_to_the_same_mode
             run.communicate()
     assert run.returncode == 0, f"{output[-6000:]}\n{run_log(None, workdir)}"
 
-    # The retry runs where the job runs: the Snakemake inside the SLURM job applies the
-    # rule's retries, so the one job exits 75, is restarted in its allocation and resumes.
-    assert slurm_job_ids(workdir, "train") == [first], run_log(None, workdir)
-    job_log = next((workdir / ".snakemake" / "slurm_logs" / "rule_train").rglob(f"{first}.log"))
-    shown = job_log.read_text(errors="replace")
-    assert "returned non-zero exit status 75" in shown and "Trying to restart job" in shown, shown
     text = log.read_text(errors="replace")
     assert "resuming after step" in text, text[-4000:]
     size = genus_size(workdir, tiny_pipeline.configfile, repo_root)
     assert f"genus epoch {size.epochs}: " in text, text[-4000:]
-    state = subprocess.run(
-        ["scontrol", "-o", "show", "job", first], capture_output=True, text=True, timeout=30
-    ).stdout
-    assert "JobState=COMPLETED" in state, state
     resumed = torch.load(workdir / "results/genus/model.pt", map_location="cpu", weights_only=True)
     straight = torch.load(
         tiny_pipeline.workdir / "results/genus/model.pt", map_location="cpu", weights_only=True
@@ -204,3 +196,68 @@ def test_snakemake_retries_a_preempted_train_job_and_it_resumes_to_the_same_mode
     for name, tensor in straight["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], tensor), name
     assert not (workdir / "results" / "genus" / "last.pt").exists()
+    return output, workdir
+
+
+@pytest.mark.slow
+def test_a_preempted_train_job_is_resubmitted_and_resumes_to_the_same_model(
+    slurm_cluster, tiny_pipeline, repo_root, tmp_path, run_command
+):
+    """SLURM signals the train job's step (scancel --signal=TERM, what --signal=TERM@120 sends
+    before a time limit) after its first epoch: training saves last.pt and exits 75, the job
+    fails, and the profile's retries submit a second job, with the second attempt's request,
+    that resumes to the uninterrupted model. (48 steps of 0.3 s: about 15 s of training.)"""
+
+    def preempt_after_first_epoch(workdir: Path, log: Path) -> None:
+        wait_for(lambda: len(slurm_job_ids(workdir, "train")) == 1, "train job", workdir)
+        wait_for(
+            lambda: log.exists() and "genus epoch 1: " in log.read_text(errors="replace"),
+            "first epoch",
+            workdir,
+        )
+        subprocess.run(
+            ["scancel", "--signal=TERM", slurm_job_ids(workdir, "train")[0]],
+            check=True,
+            timeout=30,
+        )
+
+    output, workdir = train_genus_through_slurm(
+        tiny_pipeline, repo_root, tmp_path, 0.3, during=preempt_after_first_epoch
+    )
+    first, second = slurm_job_ids(workdir, "train")
+    assert "JobState=FAILED" in job_state(first), job_state(first)
+    # Training exited 75; the job's own Snakemake did not restart it in its allocation, the
+    # submitting one did.
+    first_log = next((workdir / ".snakemake/slurm_logs/rule_train").rglob(f"{first}.log"))
+    shown = first_log.read_text(errors="replace")
+    assert "returned non-zero exit status 75" in shown, shown
+    assert "Trying to restart job" not in shown, shown
+    assert "Trying to restart job" in output, output[-6000:]
+    resubmitted = job_state(second)
+    assert "JobState=COMPLETED" in resubmitted, resubmitted
+    size = genus_size(workdir, tiny_pipeline.configfile, repo_root)
+    hours, minutes = divmod(job_resources("train", size, attempt=2).runtime, 60)
+    assert f"TimeLimit={hours:02d}:{minutes:02d}:00 " in resubmitted, resubmitted
+
+
+@pytest.mark.slow
+def test_a_train_job_killed_at_its_time_limit_is_resubmitted_and_resumes_to_the_same_model(
+    slurm_cluster, tiny_pipeline, repo_root, tmp_path, run_command
+):
+    """A one-minute time limit and no early signal: SLURM sends SIGTERM at the limit and kills
+    the job KillWait (5 s) later. Training, 48 steps of 2 s (about 100 s, longer than one job's
+    minute), saves last.pt before the kill; the job ends TIMEOUT, and the profile's retries
+    submit jobs that resume it until it ends with the uninterrupted model."""
+    # Every attempt gets the one minute; slurm_extra without the early --signal=TERM@120 (with
+    # a one-minute limit it would come at once), the partition as the local profile sets it.
+    limit = ["--set-resources", "train:runtime=1", "train:slurm_partition='main'",
+             "train:slurm_extra='--nice=0'"]  # fmt: skip
+    output, workdir = train_genus_through_slurm(
+        tiny_pipeline, repo_root, tmp_path, 2.0, extra_args=limit
+    )
+    jobs = slurm_job_ids(workdir, "train")
+    assert len(jobs) >= 2, output[-6000:]
+    for job in jobs[:-1]:
+        assert "JobState=TIMEOUT" in job_state(job), job_state(job)
+    assert "JobState=COMPLETED" in job_state(jobs[-1]), job_state(jobs[-1])
+    assert "TimeLimit=00:01:00 " in job_state(jobs[-1]), job_state(jobs[-1])

@@ -46,6 +46,7 @@ from promptcam.evaluation.fidelity import (
 )
 from promptcam.evaluation.linear_probe import LinearProbeConfig
 from promptcam.io import sha256_file
+from promptcam.resources import SHARDED_STAGES, gathering_rule
 from promptcam.training.preemption import PREEMPTED_EXIT_CODE
 from promptcam.traits.cross_class import siblings_from_taxonomy
 from promptcam.traits.parts import read_part
@@ -237,7 +238,7 @@ def restamp(folder: Path, like: Path) -> None:
         os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
 
 
-SCATTERED_RULES = ("traits", "evaluate", "cam_maps", "fidelity")
+SCATTERED_RULES = SHARDED_STAGES
 SCATTERED_FILES = {
     **TRAIT_FILES,
     **EVAL_FILES,
@@ -265,15 +266,17 @@ def test_snakemake_scatters_the_test_split_work_and_gathers_the_same_files(
         shutil.copytree(tiny.shards, shards)
         restamp(shards, tiny_pipeline.workdir / "results" / "shards" / MANIFEST_NAME)
         targets = [f"results/{RANK}/{name}" for name in SCATTERED_FILES.values()]
+        # With groups the whole-split rules only gather, under their gathering names.
+        whole = [gathering_rule(rule) if groups > 1 else rule for rule in SCATTERED_RULES]
         base = [sys.executable, "-m", "snakemake", *targets, "--cores", "2",
                 "--snakefile", str(repo_root / "Snakefile"), "--directory", str(workdir),
-                "--forcerun", "traits", "evaluate", "--configfile", str(tiny_pipeline.configfile),
+                "--forcerun", *whole[:2], "--configfile", str(tiny_pipeline.configfile),
                 "--config", f"test_shard_groups={groups}"]  # fmt: skip
         plan = run_command([*base, "--dry-run"], timeout=300, cwd=workdir)
         assert plan.returncode == 0, plan.stderr[-3000:]
         rules = sorted(re.findall(r"^rule (\w+):$", plan.stdout, re.M))
         parts = [f"{rule}_part" for rule in SCATTERED_RULES] * 3 if groups > 1 else []
-        assert rules == sorted([*SCATTERED_RULES, *parts]), plan.stdout[-4000:]
+        assert rules == sorted([*whole, *parts]), plan.stdout[-4000:]
         if groups > 1:
             assert set(re.findall(r"group=(\w+)", plan.stdout)) == {"1of3", "2of3", "3of3"}
         assert set(re.findall(r"rank=(\w+)", plan.stdout)) == {RANK}

@@ -15,7 +15,7 @@ import yaml
 from conftest import SLURM_PARTITION
 
 from promptcam.config import runtime_keys
-from promptcam.resources import GPU_RULES, MEASURED, UNITS
+from promptcam.resources import GPU_RULES, MEASURED, SHARDED_STAGES, UNITS, gathering_rule
 
 PLACEHOLDER = re.compile(r"^<[a-z-]+>$")
 # What the test cluster's profile may override: its status command, accounts, check interval,
@@ -79,6 +79,19 @@ def test_user_profile_has_placeholders_for_the_site(repo_root):
     assert not (TEST_CLUSTER_KEYS - {"default-resources", "set-resources"}) & set(user)
 
 
+def test_retries_are_the_profiles_and_no_rules(repo_root):
+    """A rule's `retries` also apply inside its SLURM job (Snakemake's --retries 0 for the job
+    loses to a rule's own value) and restart it in its dying allocation; the profile's apply
+    only where jobs are submitted (tests/test_pipeline_slurm.py runs both paths)."""
+    with_retries = [
+        name
+        for name, body in workflow_rules(repo_root).items()
+        if re.search(r"^    retries:", body, re.M)
+    ]
+    assert not with_retries, with_retries
+    assert profile(repo_root)["retries"] >= 1
+
+
 def test_gpu_asked_for_exactly_by_the_rules_that_use_one(repo_root):
     rules = workflow_rules(repo_root)
     wrong = []
@@ -116,8 +129,59 @@ def test_every_rule_asks_for_its_measured_resources(repo_root):
         <= {line.strip() for line in resources_block(rules[name]).splitlines()}
     ]
     assert not missing, f"rules without measured resources: {missing}"
+    # A sharded stage's rule is renamed when it only gathers (test_shard_groups > 1).
+    cluster_rules |= {gathering_rule(stage) for stage in SHARDED_STAGES}
     assert set(MEASURED) == cluster_rules, sorted(set(MEASURED) ^ cluster_rules)
     assert set(UNITS) == set(MEASURED)
+
+
+def planned_jobs(repo_root: Path, workdir: Path, *config: str) -> list[tuple[str, dict]]:
+    """(rule, resources) of every job of the tiny pipeline that `snakemake -n` plans with the
+    user profile: the resources as Snakemake resolved them, the profile's included."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAKEMAKE_PROFILE")}
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--profile", str(repo_root / "slurm"),
+           "--snakefile", str(repo_root / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(repo_root / "tests" / "configs" / "pipeline_tiny.yaml"),
+           "--config", "gpus_per_job=1", *config]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    jobs, rule = [], None
+    for line in (proc.stdout + proc.stderr).splitlines():
+        if line.startswith("rule ") and line.endswith(":"):
+            rule = line[len("rule ") : -1]
+        elif line.startswith("    resources: ") and rule is not None:
+            pairs = (item.split("=", 1) for item in line[len("    resources: ") :].split(", "))
+            jobs.append((rule, dict(pairs)))
+            rule = None
+    return jobs
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_only_jobs_that_use_a_gpu_ask_for_one_and_go_to_the_gpu_partition(
+    repo_root, tmp_path, groups
+):
+    """With the test split shared among 3 groups, the part jobs run the model on a GPU and the
+    renamed gathering jobs only read parts: no GPU, the CPU partition."""
+    jobs = planned_jobs(repo_root, tmp_path, f"test_shard_groups={groups}")
+    names = {rule for rule, _ in jobs}
+    gathers = {gathering_rule(stage) for stage in SHARDED_STAGES}
+    parts = {f"{stage}_part" for stage in SHARDED_STAGES}
+    if groups == 1:
+        assert not names & (gathers | parts), sorted(names)
+        assert set(SHARDED_STAGES) <= names
+    else:
+        assert gathers | parts <= names and not names & set(SHARDED_STAGES), sorted(names)
+    wrong = []
+    for rule, resources in jobs:
+        if rule == "all":
+            continue
+        gpu = int(resources.get("gpu", 0)) > 0
+        partition = resources["slurm_partition"]
+        if gpu != (rule in GPU_RULES) or gpu != (partition == "<gpu-partition>"):
+            wrong.append(f"{rule}: gpu {resources.get('gpu')}, partition {partition}")
+        if not gpu and (partition != "<cpu-partition>" or "constraint" in resources):
+            wrong.append(f"{rule}: a CPU job with {resources}")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_test_profile_overrides_only_the_test_cluster_settings(repo_root):

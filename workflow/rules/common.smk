@@ -7,6 +7,7 @@ import promptcam
 from promptcam.config import config_section, rank_train_settings, result_settings
 from promptcam.resources import (
     JobSize,
+    gathering_rule,
     job_resources,
     read_split_counts,
     table_rows_estimate,
@@ -197,6 +198,13 @@ def scatter_parts(stage):
     return parts
 
 
+def whole_split_rule(stage):
+    """name: of a test-split stage's rule: the stage with one shard group, where the rule runs
+    the model over the whole split; gathering_rule(stage) with more, where it only gathers
+    the part jobs' files, so that the profile sends it to no GPU partition."""
+    return stage if test_shard_groups() == 1 else gathering_rule(stage)
+
+
 def whole_split_gpu_request(wildcards):
     """resources: gpu of a stage's rule that only gathers parts when the test split is
     shared (no model forward then), else the GPU rules' request."""
@@ -233,7 +241,16 @@ def job_size(wildcards):
         classes=classes,
         epochs=train_settings(rank)["epochs"],
         fidelity_images=min(test, fidelity_max or test),
+        test_groups=test_shard_groups(),
     )
+
+
+# The rules that run a model ask SLURM for a SIGTERM 120 s before their time limit: they save
+# their state at the next step or batch and exit 75, and the profile's `retries` submit a new
+# job that resumes it. The retries live in the profile, not in the rules: a rule's own
+# `retries` would also apply inside the SLURM job (Snakemake passes the job `--retries 0`, but
+# a rule's value wins), restarting the job in the 120 s its allocation has left.
+SIGNAL_BEFORE_TIME_LIMIT = "--signal=TERM@120"
 
 
 def measured_mem_mb(wildcards, attempt, rulename):

@@ -9,10 +9,10 @@
 # rules run on CPU nodes (gpus_per_job 0).
 #
 # Preemption and time limits: SIGTERM or SIGUSR1 makes training save a resumable last.pt at
-# its next step and exit 75 (promptcam.training.preemption); the retries resume it. On SLURM,
-# slurm_extra asks for SIGTERM 120 s before the time limit. Not SIGUSR1: SLURM signals every
-# process of the job step, and the Snakemake process that runs this rule inside the step dies
-# of SIGUSR1 (its default action) but waits for its job on SIGTERM.
+# its next step and exit 75 (promptcam.training.preemption); the profile's retries resume it
+# in a new job (SIGNAL_BEFORE_TIME_LIMIT, common.smk). Not SIGUSR1: SLURM signals every process
+# of the job step, and the Snakemake process that runs this rule inside the step dies of
+# SIGUSR1 (its default action) but waits for its job on SIGTERM.
 rule train:
     input:
         shards=shards_dir(),
@@ -30,7 +30,6 @@ rule train:
         log_path("train", "{rank}"),
     benchmark:
         benchmark_path("train", "{rank}")
-    retries: 2
     conda:
         "../../envs/train.yaml"
     threads: min(config["train"]["threads"], config["max_threads"])
@@ -40,7 +39,7 @@ rule train:
         ),
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
-        slurm_extra="--signal=TERM@120",
+        slurm_extra=SIGNAL_BEFORE_TIME_LIMIT,
     params:
         settings=lambda wildcards: train_settings(wildcards.rank),
         backbone=canonical(config["backbone"]),
@@ -78,6 +77,8 @@ rule linear_probe:
 # evaluate only gathers the parts (byte for byte the files of one job). Preempted (SIGTERM,
 # SIGUSR1), either saves its batches so far in parts/ and exits 75; the retry resumes.
 rule evaluate:
+    name:
+        whole_split_rule("evaluate")
     input:
         parts=scatter_parts("evaluate"),
         shards=shards_dir(),
@@ -102,7 +103,6 @@ rule evaluate:
         log_path("evaluate", "{rank}"),
     benchmark:
         benchmark_path("evaluate", "{rank}")
-    retries: 2
     conda:
         "../../envs/train.yaml"
     threads: min(config["evaluate"]["threads"], config["max_threads"])
@@ -110,7 +110,7 @@ rule evaluate:
         gpu=whole_split_gpu_request,
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
-        slurm_extra="--signal=TERM@120",
+        slurm_extra=SIGNAL_BEFORE_TIME_LIMIT,
     params:
         settings=rule_settings("evaluate"),
         state=partial_state("{rank}", "evaluate"),
@@ -130,7 +130,6 @@ rule evaluate_part:
         log_path("evaluate", "{rank}_{group}"),
     benchmark:
         benchmark_path("evaluate", "{rank}_{group}")
-    retries: 2
     conda:
         "../../envs/train.yaml"
     threads: min(config["evaluate"]["threads"], config["max_threads"])
@@ -138,7 +137,7 @@ rule evaluate_part:
         gpu=gpu_request(),
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
-        slurm_extra="--signal=TERM@120",
+        slurm_extra=SIGNAL_BEFORE_TIME_LIMIT,
     params:
         settings=rule_settings("evaluate"),
         state=partial_state("{rank}", "evaluate", "{group}"),

@@ -8,6 +8,8 @@
 # rule traits searches the whole split and no part jobs run. Preempted (SIGTERM, SIGUSR1),
 # either saves its batches so far in parts/ and exits 75; the retry resumes.
 rule traits:
+    name:
+        whole_split_rule("traits")
     input:
         parts=scatter_parts("traits"),
         checkpoint=trained_model("{rank}"),
@@ -27,7 +29,6 @@ rule traits:
         log_path("traits", "traits_{rank}"),
     benchmark:
         benchmark_path("traits", "traits_{rank}")
-    retries: 2
     conda:
         "../../envs/traits.yaml"
     threads: min(config["traits"]["threads"], config["max_threads"])
@@ -35,7 +36,7 @@ rule traits:
         gpu=whole_split_gpu_request,
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
-        slurm_extra="--signal=TERM@120",
+        slurm_extra=SIGNAL_BEFORE_TIME_LIMIT,
     params:
         settings=rule_settings(
             "traits", "localization", "fidelity", "heads", "information"
@@ -59,7 +60,6 @@ rule traits_part:
         log_path("traits", "traits_{rank}_{group}"),
     benchmark:
         benchmark_path("traits", "traits_{rank}_{group}")
-    retries: 2
     conda:
         "../../envs/traits.yaml"
     threads: min(config["traits"]["threads"], config["max_threads"])
@@ -67,7 +67,7 @@ rule traits_part:
         gpu=gpu_request(),
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
-        slurm_extra="--signal=TERM@120",
+        slurm_extra=SIGNAL_BEFORE_TIME_LIMIT,
     params:
         settings=rule_settings(
             "traits", "localization", "fidelity", "heads", "information"
@@ -165,6 +165,8 @@ rule localization:
 # fidelity only gather the parts (byte for byte the files of one job). Preempted (SIGTERM,
 # SIGUSR1), any of them saves its batches so far in parts/ and exits 75; the retry resumes.
 rule cam_maps:
+    name:
+        whole_split_rule("cam_maps")
     input:
         parts=scatter_parts("cam_maps"),
         checkpoint=trained_model("{rank}"),
@@ -178,7 +180,6 @@ rule cam_maps:
         log_path("traits", "cam_maps_{rank}"),
     benchmark:
         benchmark_path("traits", "cam_maps_{rank}")
-    retries: 2
     conda:
         "../../envs/traits.yaml"
     threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
@@ -186,7 +187,7 @@ rule cam_maps:
         gpu=whole_split_gpu_request,
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
-        slurm_extra="--signal=TERM@120",
+        slurm_extra=SIGNAL_BEFORE_TIME_LIMIT,
     params:
         settings=rule_settings("traits.fidelity"),
         state=partial_state("{rank}", "cam_maps"),
@@ -207,7 +208,6 @@ rule cam_maps_part:
         log_path("traits", "cam_maps_{rank}_{group}"),
     benchmark:
         benchmark_path("traits", "cam_maps_{rank}_{group}")
-    retries: 2
     conda:
         "../../envs/traits.yaml"
     threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
@@ -215,7 +215,7 @@ rule cam_maps_part:
         gpu=gpu_request(),
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
-        slurm_extra="--signal=TERM@120",
+        slurm_extra=SIGNAL_BEFORE_TIME_LIMIT,
     params:
         settings=rule_settings("traits.fidelity"),
         state=partial_state("{rank}", "cam_maps", "{group}"),
@@ -224,6 +224,8 @@ rule cam_maps_part:
 
 
 rule fidelity:
+    name:
+        whole_split_rule("fidelity")
     input:
         parts=scatter_parts("fidelity"),
         checkpoint=trained_model("{rank}"),
@@ -239,7 +241,6 @@ rule fidelity:
         log_path("traits", "fidelity_{rank}"),
     benchmark:
         benchmark_path("traits", "fidelity_{rank}")
-    retries: 2
     conda:
         "../../envs/traits.yaml"
     threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
@@ -247,7 +248,7 @@ rule fidelity:
         gpu=whole_split_gpu_request,
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
-        slurm_extra="--signal=TERM@120",
+        slurm_extra=SIGNAL_BEFORE_TIME_LIMIT,
     params:
         settings=rule_settings("traits.fidelity"),
         state=partial_state("{rank}", "fidelity"),
@@ -268,7 +269,6 @@ rule fidelity_part:
         log_path("traits", "fidelity_{rank}_{group}"),
     benchmark:
         benchmark_path("traits", "fidelity_{rank}_{group}")
-    retries: 2
     conda:
         "../../envs/traits.yaml"
     threads: min(config["traits"]["fidelity"]["threads"], config["max_threads"])
@@ -276,7 +276,7 @@ rule fidelity_part:
         gpu=gpu_request(),
         mem_mb=measured_mem_mb,
         runtime=measured_runtime,
-        slurm_extra="--signal=TERM@120",
+        slurm_extra=SIGNAL_BEFORE_TIME_LIMIT,
     params:
         settings=rule_settings("traits.fidelity"),
         state=partial_state("{rank}", "fidelity", "{group}"),
