@@ -238,7 +238,6 @@ def restamp(folder: Path, like: Path) -> None:
         os.utime(path, ns=(stamp, stamp), follow_symlinks=False)
 
 
-SCATTERED_RULES = SHARDED_STAGES
 SCATTERED_FILES = {
     **TRAIT_FILES,
     **EVAL_FILES,
@@ -267,7 +266,7 @@ def test_snakemake_scatters_the_test_split_work_and_gathers_the_same_files(
         restamp(shards, tiny_pipeline.workdir / "results" / "shards" / MANIFEST_NAME)
         targets = [f"results/{RANK}/{name}" for name in SCATTERED_FILES.values()]
         # With groups the whole-split rules only gather, under their gathering names.
-        whole = [gathering_rule(rule) if groups > 1 else rule for rule in SCATTERED_RULES]
+        whole = [gathering_rule(rule) if groups > 1 else rule for rule in SHARDED_STAGES]
         base = [sys.executable, "-m", "snakemake", *targets, "--cores", "2",
                 "--snakefile", str(repo_root / "Snakefile"), "--directory", str(workdir),
                 "--forcerun", *whole[:2], "--configfile", str(tiny_pipeline.configfile),
@@ -275,7 +274,7 @@ def test_snakemake_scatters_the_test_split_work_and_gathers_the_same_files(
         plan = run_command([*base, "--dry-run"], timeout=300, cwd=workdir)
         assert plan.returncode == 0, plan.stderr[-3000:]
         rules = sorted(re.findall(r"^rule (\w+):$", plan.stdout, re.M))
-        parts = [f"{rule}_part" for rule in SCATTERED_RULES] * 3 if groups > 1 else []
+        parts = [f"{rule}_part" for rule in SHARDED_STAGES] * 3 if groups > 1 else []
         assert rules == sorted([*whole, *parts]), plan.stdout[-4000:]
         if groups > 1:
             assert set(re.findall(r"group=(\w+)", plan.stdout)) == {"1of3", "2of3", "3of3"}
